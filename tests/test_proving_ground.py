@@ -50,19 +50,30 @@ def test_wrong_prompt_collapse_and_blur_are_each_caught(gt, reference):
 
 
 def test_exact_denoiser_needs_many_steps(gt, reference):
-    """The toy's difficulty: even the exact velocity blurs the small detail at 1-2 Euler steps."""
+    """The toy's difficulty: even the exact velocity blurs the small detail at 1-4 Euler steps (toy shift)."""
+    from cdmctl.proving.teacher import SHIFT
+
     idx = torch.arange(gt.num_prompts).repeat_interleave(8)
     noise = evaluate.paired_noise(len(idx), gt.latent_shape, 0)
 
     def euler(steps: int) -> float:
         s = torch.tensor([1.0 - i / steps for i in range(steps)] + [0.0], dtype=torch.float64)
-        s = 3 * s / (1 + 2 * s)  # SD3's shift
+        s = SHIFT * s / (1 + (SHIFT - 1) * s)
         x = noise.clone()
         for i in range(steps):
             x = x + float(s[i + 1] - s[i]) * gt.exact_velocity(x, torch.tensor(float(s[i])), idx)
         return metrics.score(gt, x, idx, *reference)["precision"]
 
-    assert euler(1) == 0.0 and euler(2) < 0.3 and euler(32) > 0.95
+    assert euler(1) == 0.0 and euler(2) < 0.1 and euler(4) < 0.4 and euler(32) > 0.95
+
+
+def test_shipped_teacher_samples_with_the_toy_shift():
+    """The shipped scheduler config, the build code and proving.json agree on the time shift."""
+    from cdmctl.proving import teacher
+
+    scheduler = json.loads((teacher.SHIPPED / "scheduler" / "scheduler_config.json").read_text())
+    record = json.loads((teacher.SHIPPED / "proving.json").read_text())
+    assert scheduler["shift"] == record["scheduler_shift"] == teacher.SHIFT
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +100,8 @@ def test_shipped_teacher_with_guidance_at_50_steps_beats_itself_at_2(toy, gt):
 
 
 def test_demo_distillation_beats_the_teachers_own_few_step_samples(tmp_path, monkeypatch):
-    """Regression guard: a short demo run (the real `distill` path) whose student, sampled at the demo's
-    step count, lands on the ground truth's modes more often than the teacher at that step count."""
+    """Regression guard: a short demo run (the real `distill` path) whose student, sampled at the demo's 4 steps,
+    lands on the ground truth's modes more often, and is closer to it in MMD, than the teacher at 4 steps."""
     from cdmctl.config import load_preset
     from cdmctl.proving import demo
     from cdmctl.run import distill
@@ -102,6 +113,8 @@ def test_demo_distillation_beats_the_teachers_own_few_step_samples(tmp_path, mon
     assert (result.folder / "before_after.png").is_file()
     columns = json.loads((result.folder / "before_after.json").read_text())["columns"]
     n = preset.inference.steps
-    student = columns[f"student, {n} steps"]["precision"]
-    teacher = max(v["precision"] for k, v in columns.items() if k.startswith(f"teacher, {n} steps"))
-    assert student > teacher + 0.05, columns
+    assert n == 4  # the issue's bar: better than the teacher at 4 steps
+    student = columns[f"student, {n} steps"]
+    teachers = [v for k, v in columns.items() if k.startswith(f"teacher, {n} steps")]  # without and with guidance
+    assert student["precision"] > max(t["precision"] for t in teachers) + 0.05, columns
+    assert student["mmd2"] < min(t["mmd2"] for t in teachers), columns
