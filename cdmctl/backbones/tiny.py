@@ -126,11 +126,13 @@ def _write_t5_tokenizer_files(folder: Path) -> int:
     return len(pieces)
 
 
-def _tiny_sd3_pipeline(resolution: int, transformer_config: dict | None = None, clip_length: int = 77):
+def _tiny_sd3_pipeline(resolution: int, transformer_config: dict | None = None, clip_length: int = 77,
+                       shift: float = 3.0):  # fmt: skip
     """Assemble the tiny StableDiffusion3Pipeline; weights come from torch's (already seeded) global RNG.
 
     `transformer_config` overrides SD3Transformer2DModel arguments (e.g. a deeper, wider toy); `clip_length`
-    is the CLIP tokenizers' model_max_length (SD3: 77; shorter makes a cheaper toy).
+    is the CLIP tokenizers' model_max_length (SD3: 77; shorter makes a cheaper toy); `shift` the scheduler's
+    time shift (SD3: 3.0).
     """
     from diffusers import (
         AutoencoderKL,
@@ -185,7 +187,7 @@ def _tiny_sd3_pipeline(resolution: int, transformer_config: dict | None = None, 
         latent_channels=4, norm_num_groups=4, sample_size=resolution, scaling_factor=1.5305,
         shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
     )  # fmt: skip
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=scheduler, vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
@@ -194,13 +196,14 @@ def _tiny_sd3_pipeline(resolution: int, transformer_config: dict | None = None, 
 
 
 def write_tiny_sd3(folder: str | Path, seed: int = 0, resolution: int = 32, transformer_config: dict | None = None,
-                   clip_length: int = 77) -> Path:  # fmt: skip
+                   clip_length: int = 77, shift: float = 3.0) -> Path:  # fmt: skip
     """Write a tiny random-weight SD3 pipeline folder (about 1 MB) and return its path.
 
     Deterministic given `seed` (the global torch RNG is left as it was). `resolution` is the default
     image size the pipeline generates at (transformer `sample_size` = resolution / 2); any multiple of
-    4 pixels up to 192 works at sampling time. `transformer_config` (SD3Transformer2DModel arguments) and
-    `clip_length` (CLIP tokens) change the defaults, e.g. for the proving ground's trained toy teacher.
+    4 pixels up to 192 works at sampling time. `transformer_config` (SD3Transformer2DModel arguments),
+    `clip_length` (CLIP tokens) and `shift` (the scheduler's time shift) change the defaults, e.g. for the
+    proving ground's trained toy teacher.
     """
     import torch
 
@@ -209,7 +212,7 @@ def write_tiny_sd3(folder: str | Path, seed: int = 0, resolution: int = 32, tran
     folder = Path(folder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        pipe = _tiny_sd3_pipeline(resolution, transformer_config, clip_length)
+        pipe = _tiny_sd3_pipeline(resolution, transformer_config, clip_length, shift)
     pipe.save_pretrained(folder, safe_serialization=True)
     # Keep the plain BPE files next to tokenizer.json too, as real SD3 folders do (and older
     # transformers' slow CLIPTokenizer need them).

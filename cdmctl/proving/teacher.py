@@ -76,14 +76,10 @@ def install_shipped(folder: Path) -> Path:
 
 
 def write_untrained(folder: Path, seed: int = 0) -> Path:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     from cdmctl.backbones.tiny import write_tiny_sd3
 
-    write_tiny_sd3(folder, seed=seed, resolution=RESOLUTION, transformer_config=TRANSFORMER, clip_length=CLIP_LENGTH)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", shift=SHIFT)
-    scheduler.save_pretrained(Path(folder) / "scheduler")
-    return Path(folder)
+    return write_tiny_sd3(folder, seed=seed, resolution=RESOLUTION, transformer_config=TRANSFORMER,
+                          clip_length=CLIP_LENGTH, shift=SHIFT)  # fmt: skip
 
 
 def load(folder: Path):
