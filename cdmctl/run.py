@@ -7,7 +7,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -338,6 +338,25 @@ class DistillRun:
         return hooks
 
 
+# Reports written at the end of a run by the main process: report(run) -> a line to show, or None when the
+# report does not apply to this run. Plugins register them (the proving ground: the demo's before/after).
+RUN_REPORTS: list[Callable[["DistillRun"], str | None]] = []
+
+
+def register_run_report(report: Callable[["DistillRun"], str | None]) -> None:
+    RUN_REPORTS.append(report)
+
+
+def write_run_reports(run: "DistillRun", dashboard) -> None:
+    from cdmctl.plugins import load_plugins
+
+    load_plugins()
+    for report in RUN_REPORTS:
+        line = report(run)
+        if line:
+            dashboard.note(line)
+
+
 def prepare_folder(preset: Preset, folder: Path, resume: bool) -> Path | None:
     """Check the run folder; return the checkpoint to resume from (or None for a fresh run)."""
     from cdmctl.runlog import write_preset
@@ -368,9 +387,7 @@ def distill(preset: Preset, out: str | None = None, resume: bool = False, live: 
     title = f"cdmctl distill {preset.name}"
     with Dashboard(preset.train.iterations, title, live=live) if main else SilentDashboard() as dashboard:
         hooks = run.start(dashboard)
-        if main and preset.model.pretrained == "builtin:toy-sd3":  # the proving ground's teacher: score before/after
-            from cdmctl.proving.demo import write_before_after
-
-            dashboard.note(f"before/after figure written to {write_before_after(run)}")
+        if main:
+            write_run_reports(run, dashboard)
     return RunResult(folder, hooks.last_checkpoint, folder / "metrics.jsonl", hooks.last_grid,
                      run.distiller.counters.iteration, main)

@@ -62,3 +62,31 @@ def test_the_layering_check_catches_relative_and_absolute_imports(tmp_path):
     assert {"cdmctl.backbones", "cdmctl.backbones.toy", "diffusers.models", "transformers"} <= names
     assert forbidden("cdmctl.backbones.toy") and forbidden("diffusers.models") and forbidden("transformers")
     assert not forbidden("cdmctl.backbones.base.Conditioning") and not forbidden("torch")
+
+
+CONSUMERS = ("cdmctl.proving",)  # plug in from above (entry point `cdmctl.plugins`); never imported by the core
+
+
+def test_the_core_never_imports_the_proving_ground():
+    package = ENGINE.parent
+    offenders = [
+        f"{path.relative_to(package)}: {name}"
+        for path in sorted(package.rglob("*.py"))
+        if "proving" not in path.relative_to(package).parts
+        for name in imported_modules(path, ("cdmctl", *path.relative_to(package).parts[:-1]))
+        if forbidden(name, CONSUMERS)
+    ]
+    assert offenders == []
+
+
+def test_the_proving_ground_registers_itself_through_the_plugin_entry_point():
+    from importlib.metadata import entry_points
+
+    from cdmctl.backbones import BUILTINS
+    from cdmctl.plugins import GROUP, load_plugins
+    from cdmctl.run import RUN_REPORTS
+
+    assert "cdmctl.proving.plugin:register" in {e.value for e in entry_points(group=GROUP)}
+    load_plugins()
+    assert "toy-sd3" in BUILTINS
+    assert any(r.__module__ == "cdmctl.proving.plugin" for r in RUN_REPORTS)

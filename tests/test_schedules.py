@@ -89,3 +89,38 @@ def test_record_index_covers_every_step():
     assert idx.dtype == torch.int64 and idx.shape == (1000,)
     assert set(idx.tolist()) == set(range(6))
     assert torch.equal(idx, sample_record_index(generator(0, "record"), 1000, 6))
+
+
+def shift6(s):
+    return 6 * s / (1 + 5 * s)
+
+
+def test_dynamic_schedule_applies_the_shift_to_every_inner_level():
+    plain = sample_dynamic_schedule(generator(3, "length"), (8, 8), (0.05, 0.95), "stratified", inner_gen=generator(3, "i"))
+    shifted = sample_dynamic_schedule(generator(3, "length"), (8, 8), (0.05, 0.95), "stratified",
+                                      inner_gen=generator(3, "i"), shift=shift6)
+    torch.testing.assert_close(shifted, shift6(plain), rtol=0, atol=1e-12)
+
+
+def test_coverage_spreads_levels_evenly_over_the_shifted_range():
+    lo, hi = 0.05, 0.95
+    lo_s, hi_s = shift6(lo), shift6(hi)
+    def levels(coverage, n=4000):
+        gen, out = generator(4, "length"), []
+        for it in range(n // 10):
+            s = sample_dynamic_schedule(gen, (11, 11), (lo, hi), "uniform", inner_gen=generator(4, it, "i"),
+                                        shift=shift6, coverage=coverage, coverage_gen=generator(4, it, "c"))
+            assert s[0] == 1.0 and bool((s[1:] < s[:-1]).all())
+            out.append(s[1:])
+        return torch.cat(out)
+
+    mid = (lo_s + hi_s) / 2
+    through, linear, half = levels(0.0), levels(1.0), levels(0.5)
+    for x in (through, linear, half):
+        assert bool(((x >= lo_s - 1e-12) & (x <= hi_s + 1e-12)).all())
+    # through the shift, few levels fall in the lower half of the shifted range: P(u < shift^-1(mid)) = 0.1
+    assert abs(float((through < mid).double().mean()) - (mid / (6 - 5 * mid) - lo) / (hi - lo)) < 0.03
+    assert abs(float((linear < mid).double().mean()) - 0.5) < 0.03  # evenly spread
+    assert abs(float((half < mid).double().mean()) - (0.5 + 0.1) / 2) < 0.04  # the mixture
+    with pytest.raises(ValueError, match="coverage"):
+        sample_dynamic_schedule(generator(0), (2, 4), coverage=1.5)

@@ -161,3 +161,57 @@ def test_nonfinite_loss_skips_the_step_and_is_counted():
 def test_warmup_counts_optimizer_steps():
     assert [warmup_lr(1.0, s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_lr(2e-5, 0, 0) == 2e-5
+
+
+def test_draws_refuse_a_purpose_taken_twice_in_one_iteration():
+    draws = Draws(0, 3, 0, torch.device("cpu"))
+    draws.local("cdm-level")
+    with pytest.raises(RuntimeError, match="cdm-level"):
+        draws.local("cdm-level")
+    with pytest.raises(RuntimeError, match="cdm-level"):
+        draws.shared("cdm-level")
+    draws.noise_like(torch.zeros(2), "ca-noise")
+    with pytest.raises(RuntimeError, match="ca-noise"):
+        draws.noise_like(torch.zeros(2), "ca-noise")
+    # a new iteration starts with every purpose free again, and redraws the same numbers
+    a, b = Draws(0, 3, 0, torch.device("cpu")), Draws(0, 3, 0, torch.device("cpu"))
+    assert torch.equal(torch.rand(4, generator=a.local("x")), torch.rand(4, generator=b.local("x")))
+
+
+class LevelRecorder(Recorder):
+    """Also keeps the noise levels [B'] of every call."""
+
+    def velocity(self, model, x, s, cond):
+        self.levels = getattr(self, "levels", []) + [(self.names[id(model)], s.detach().clone())]
+        return super().velocity(model, x, s, cond)
+
+
+def cdm_levels(method: MethodConfig, iterations: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """(se, sc) over `iterations` student updates: the student's CDM-point level and the CDM teacher's level."""
+    ses, scs = [], []
+    for it in range(iterations):
+        rec, roles = make_roles()
+        rec.__class__ = LevelRecorder
+        draws = Draws(0, it, 0, torch.device("cpu"))
+        batch = make_batch(rec.inner, draws)
+        student_loss(roles, method, batch, trajectory(rec.inner, batch), draws, CostCounter())
+        student = [s for n, s in rec.levels if n == "student"][0]
+        teacher = [s for n, s in rec.levels if n == "teacher"][0]
+        ses.append(student[B:])  # the student's forward is [xt; xe]
+        scs.append(teacher[3 * B:])  # the teacher's is [CA cond; CA uncond; DM; CDM]
+    return torch.cat(ses), torch.cat(scs)
+
+
+@pytest.mark.parametrize("perturbation", ["velocity", "gaussian"])
+def test_cdm_teacher_level_is_drawn_independently_of_the_perturbation_level(perturbation):
+    se, sc = cdm_levels(MethodConfig(cdm_perturbation=perturbation))
+    assert se.shape == sc.shape == (40 * B,)
+    assert not torch.isclose(se, sc).any()
+    assert abs(float(torch.corrcoef(torch.stack([se, sc]))[0, 1])) < 0.3  # 120 pairs: |r| of independent ~0.09
+    # both are U(0, 1) clamped: their means are near 0.5
+    assert abs(float(se.mean()) - 0.5) < 0.1 and abs(float(sc.mean()) - 0.5) < 0.1
+
+
+def test_coupled_cdm_teacher_level_is_an_explicit_ablation():
+    se, sc = cdm_levels(MethodConfig(cdm_perturbation="gaussian", cdm_teacher_level="coupled"), iterations=3)
+    torch.testing.assert_close(se, sc)

@@ -223,27 +223,11 @@ def write_tiny_sd3(folder: str | Path, seed: int = 0, resolution: int = 32, tran
     return folder
 
 
-def _toy_sd3(folder: Path) -> None:
-    """The proving ground's trained toy teacher: its shipped pipeline folder, copied (see cdmctl/proving)."""
-    from cdmctl.proving.teacher import install_shipped
-
-    install_shipped(folder)
-
-
-def _toy_sd3_digest() -> str:
-    from cdmctl.proving.teacher import shipped_digest
-
-    return shipped_digest()
-
-
-_toy_sd3.digest = _toy_sd3_digest  # shipped weights change with a retrain: part of the cache key
-
-# name -> builder(folder) that writes the model into `folder`. Other modules add their own
-# (e.g. a trained toy teacher) with `register_builtin`. A builder may carry a `digest()` attribute
-# whose value joins the cache key (shipped files that change without a FACTORY_VERSION bump).
+# name -> builder(folder) that writes the model into `folder`. Plugins add their own (the proving ground's
+# trained toy teacher is `builtin:toy-sd3`) with `register_builtin`. A builder may carry a `digest()`
+# attribute whose value joins the cache key (shipped files that change without a FACTORY_VERSION bump).
 BUILTINS: dict[str, Callable[[Path], object]] = {
     "tiny-sd3": lambda folder: write_tiny_sd3(folder, seed=0),
-    "toy-sd3": _toy_sd3,
 }
 
 
@@ -273,6 +257,10 @@ def ensure_builtin(name: str) -> Path:
     The folder is written under a temporary name and renamed when complete, so that an interrupted or
     concurrent build never leaves a half-written model where a complete one is expected.
     """
+    if name not in BUILTINS:
+        from cdmctl.plugins import load_plugins
+
+        load_plugins()  # a plugin may provide it
     if name not in BUILTINS:
         known = ", ".join(f"builtin:{n}" for n in sorted(BUILTINS))
         raise UserError(f"unknown built-in model 'builtin:{name}'", f"use one of: {known}")

@@ -79,6 +79,11 @@ class ScheduleConfig(Section):
         "uniform", description="Dynamic: inner levels i.i.d. uniform, or one draw per equal bin."
     )
     time_shift: bool = Field(True, description="Apply the backbone's own time shift to training levels.")
+    coverage: float = Field(
+        0.0, ge=0, le=1,
+        description="Dynamic: fraction of inner levels spread evenly over the shifted range [shift(lo), shift(hi)] "
+        "instead of drawn through the shift (which crowds them near 1); covers the low levels of many-step inference.",
+    )
 
     @field_validator("levels")
     @classmethod
@@ -115,6 +120,10 @@ class MethodConfig(Section):
     )
     cdm_target: Literal["local", "full-trajectory"] = Field(
         "local", description="CDM target: the local estimate x0e, or the simulation's final sample."
+    )
+    cdm_teacher_level: Literal["independent", "coupled"] = Field(
+        "independent", description="CDM's teacher re-noise level sc: an independent draw (the method), or coupled: "
+        "sc = se and, with the gaussian perturbation, the same noise (an ablation; releases before 0.2 did this)."
     )
     ttur_ratio: int = Field(2, ge=1, description="Fake-teacher updates per student update (k).")
     merge_decay: float = Field(0.999, ge=0, le=1, description="After each fake step: F <- m F + (1 - m) G.")

@@ -79,8 +79,7 @@ class Distiller:
         c, draws = self.counters, self.draws()
         self.cost.reset()
         batch = self.make_batch(draws)
-        unshifted = training_schedule(self.method, draws)
-        levels = self.shift(unshifted) if self.method.schedule.time_shift else unshifted
+        levels = training_schedule(self.method, draws, self.shift)
         self.roles.train_mode(student=False, fake=False)  # simulation: eval mode, no gradients
         traj = self.simulate(batch, levels, draws)
         stats: dict[str, float | torch.Tensor] = {"level/n": float(len(levels))}

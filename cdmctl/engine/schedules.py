@@ -1,14 +1,14 @@
 """Noise-level schedules of the backward simulation and the per-sample level and index samplers.
 
-Levels are in the *unshifted* space; the caller applies the backbone's time shift to a whole
-schedule. Schedules are float64 (exact, so sorting never creates ties from rounding); per-sample
+Levels are written in the *unshifted* space; the backbone's time shift maps them to the levels the
+network sees (a dynamic schedule takes the shift as a function and returns shifted levels). Schedules are float64 (exact, so sorting never creates ties from rounding); per-sample
 levels are float32. All draws happen on the generator's device and are then moved, so a CPU
 generator gives the same numbers whatever device training runs on.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -49,27 +49,49 @@ def sample_inner_levels(
     return (lo + (hi - lo) * u).sort(descending=True).values
 
 
+def identity(s: torch.Tensor) -> torch.Tensor:
+    return s
+
+
 def sample_dynamic_schedule(
     gen: torch.Generator,
     length: tuple[int, int] = (1, 28),
     level_range: tuple[float, float] = (0.25, 0.95),
     inner: Literal["uniform", "stratified"] = "uniform",
     inner_gen: torch.Generator | None = None,
+    shift: Callable[[torch.Tensor], torch.Tensor] = identity,
+    coverage: float = 0.0,
+    coverage_gen: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """CDM's dynamic schedule: float64 [n] = [1.0, n - 1 inner levels in [lo, hi] descending].
+    """CDM's dynamic schedule, shifted: float64 [n] = [1.0, n - 1 inner levels descending].
 
     n ~ U{n_min..n_max} is drawn from `gen`, the inner levels from `inner_gen` (default `gen`).
     Multi-process runs must draw n identically on every rank and the inner levels per rank: pass
     a `gen` derived from (seed, iteration) only and an `inner_gen` derived from (seed, iteration,
     rank). With lo == hi the levels would tie, so that needs n_max <= 2.
+
+    Each inner level is a position u in [0, 1] (uniform or stratified) mapped to a noise level:
+    through the backbone's `shift` (`shift(lo + (hi - lo) u)`, the paper's schedule, dense near 1),
+    or, with probability `coverage` per level (drawn from `coverage_gen`), linearly between the
+    shifted ends (`shift(lo) + (shift(hi) - shift(lo)) u`), which reaches the low levels that
+    many-step inference visits as often as the high ones.
     """
     lo, hi = level_range
     if not 0.0 < lo <= hi < 1.0:
         raise ValueError(f"level_range must satisfy 0 < lo <= hi < 1, got {list(level_range)}")
     if lo == hi and length[1] > 2:
         raise ValueError(f"level_range {list(level_range)} has no width: inner levels would repeat when n > 2")
+    if not 0.0 <= coverage <= 1.0:
+        raise ValueError(f"coverage must lie in [0, 1], got {coverage}")
     n = sample_schedule_length(gen, length)
-    levels = sample_inner_levels(inner_gen if inner_gen is not None else gen, n - 1, level_range, inner)
+    u = sample_inner_levels(inner_gen if inner_gen is not None else gen, n - 1, (0.0, 1.0), inner)
+    levels = shift(lo + (hi - lo) * u).double()
+    if coverage > 0 and n > 1:
+        ends = shift(torch.tensor([lo, hi], dtype=torch.float64)).double()
+        linear = ends[0] + (ends[1] - ends[0]) * u
+        mix_gen = coverage_gen if coverage_gen is not None else gen
+        pick = torch.rand(n - 1, generator=mix_gen, device=mix_gen.device, dtype=torch.float64).cpu() < coverage
+        levels = torch.where(pick, linear, levels).sort(descending=True).values
     return torch.cat([torch.ones(1, dtype=torch.float64), levels])
 
 

@@ -6,7 +6,7 @@ so an iteration is a pure function of the weights, the optimizer state and its n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -16,7 +16,13 @@ from cdmctl.engine import losses as L
 from cdmctl.engine.cost import CostCounter
 from cdmctl.engine.rng import generator
 from cdmctl.engine.roles import Call, Roles
-from cdmctl.engine.schedules import fixed_schedule, sample_dynamic_schedule, sample_levels, sample_record_index
+from cdmctl.engine.schedules import (
+    fixed_schedule,
+    identity,
+    sample_dynamic_schedule,
+    sample_levels,
+    sample_record_index,
+)
 from cdmctl.engine.simulate import Trajectory, simulate
 
 if TYPE_CHECKING:  # the engine reads preset sections but never imports the layer above at run time
@@ -34,30 +40,46 @@ class Batch:
 
 @dataclass
 class Draws:
-    """Random streams of one iteration (shared: identical on every rank; local: per rank)."""
+    """Random streams of one iteration (shared: identical on every rank; local: per rank).
+
+    Each purpose may be drawn once per iteration: a second draw under the same name would repeat the
+    first one's numbers exactly (same seed), silently coupling two quantities meant to be independent.
+    """
 
     seed: int
     iteration: int
     rank: int
     device: torch.device
+    used: set[str] = field(default_factory=set)
+
+    def claim(self, purpose: str) -> None:
+        if purpose in self.used:
+            raise RuntimeError(f"random draw {purpose!r} was already taken in iteration {self.iteration}: "
+                               "two draws under one purpose would be identical; give each its own purpose")
+        self.used.add(purpose)
 
     def shared(self, purpose: str) -> torch.Generator:
+        self.claim(purpose)
         return generator(self.seed, self.iteration, purpose, device=self.device)
 
     def local(self, purpose: str) -> torch.Generator:
+        self.claim(purpose)
         return generator(self.seed, self.iteration, purpose, self.rank, device=self.device)
 
     def noise_like(self, x: torch.Tensor, purpose: str) -> torch.Tensor:
         return torch.randn(x.shape, generator=self.local(purpose), device=x.device, dtype=torch.float32)
 
 
-def training_schedule(method: "MethodConfig", draws: Draws) -> torch.Tensor:
-    """The iteration's unshifted schedule: fixed, or drawn (length shared by ranks, inner levels per rank)."""
+def training_schedule(method: "MethodConfig", draws: Draws, shift: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The iteration's schedule in the levels the network sees: fixed, or drawn (length shared by ranks,
+    inner levels per rank); `shift` is the backbone's time shift (applied unless the preset turns it off)."""
     sched = method.schedule
+    shift = shift if sched.time_shift else identity
     if sched.kind == "fixed":
-        return fixed_schedule(sched.levels)
+        return shift(fixed_schedule(sched.levels)).double()
     return sample_dynamic_schedule(
-        draws.shared("length"), sched.length, sched.level_range, sched.inner, inner_gen=draws.local("levels")
+        draws.shared("length"), sched.length, sched.level_range, sched.inner, inner_gen=draws.local("levels"),
+        shift=shift, coverage=sched.coverage, coverage_gen=draws.local("coverage"),
     )
 
 
@@ -97,16 +119,19 @@ class StudentPrediction:
     x0: torch.Tensor | None
     x0e: torch.Tensor | None
     se: torch.Tensor | None
+    eps_e: torch.Tensor | None = None  # the gaussian perturbation's noise (only the coupled ablation reuses it)
 
 
-def cdm_point(method: "MethodConfig", traj: Trajectory, draws: Draws) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move the recorded point off the trajectory: (xe [B, ...], se [B])."""
+def cdm_point(method: "MethodConfig", traj: Trajectory, draws: Draws):
+    """Move the recorded point off the trajectory: (xe [B, ...], se [B], the gaussian noise [B, ...] or None)."""
     if method.cdm_perturbation == "none":
-        return traj.xt, traj.s_t
-    se = sample_levels(draws.local("cdm-level"), len(traj.xt), method.level_clamp).to(traj.xt.device)
+        return traj.xt, traj.s_t, None
+    # se and its noise have their own purposes: the CDM term re-noises at an independent level sc ("cdm-level")
+    se = sample_levels(draws.local("cdm-perturb-level"), len(traj.xt), method.level_clamp).to(traj.xt.device)
     if method.cdm_perturbation == "velocity":
-        return L.extrapolate(traj.xt, traj.s_t, traj.vt, se), se
-    return L.renoise(traj.x0t, se, draws.noise_like(traj.xt, "cdm-noise")), se
+        return L.extrapolate(traj.xt, traj.s_t, traj.vt, se), se, None
+    eps = draws.noise_like(traj.xt, "cdm-perturb-noise")
+    return L.renoise(traj.x0t, se, eps), se, eps
 
 
 def predict_student(
@@ -116,7 +141,7 @@ def predict_student(
     w = method.losses
     need_main = bool(w.ca or w.dm or w.guided_dm)
     need_cdm = bool(w.cdm)
-    xe, se = cdm_point(method, traj, draws) if need_cdm else (None, None)
+    xe, se, eps_e = cdm_point(method, traj, draws) if need_cdm else (None, None, None)
     shared = need_main and need_cdm and method.cdm_perturbation == "none"  # xe == xt: reuse, never recompute
     calls = []
     if need_main or shared:
@@ -131,7 +156,7 @@ def predict_student(
     x0_all = L.clean_estimate(x, s, v).split(sizes)
     x0 = x0_all[0] if (need_main or shared) else None
     x0e = x0 if shared else (x0_all[-1] if need_cdm else None)
-    return StudentPrediction(x0=x0 if need_main else None, x0e=x0e, se=se)
+    return StudentPrediction(x0=x0 if need_main else None, x0e=x0e, se=se, eps_e=eps_e)
 
 
 @dataclass
@@ -159,10 +184,14 @@ def ca_term(method, batch, traj, pred, draws) -> Term:
 
 
 def matching_term(name: str, weight: float, method, batch, x0: torch.Tensor, target: torch.Tensor, draws,
-                  guided: bool = False) -> Term:
-    """DM-type loss on x0: teacher minus fake at a re-noised `target` (guided: teacher with CFG)."""
-    s = sample_levels(draws.local(f"{name}-level"), len(x0), method.level_clamp).to(x0.device)
-    xs = L.renoise(target.detach(), s, draws.noise_like(x0, f"{name}-noise"))
+                  guided: bool = False, level: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> Term:
+    """DM-type loss on x0: teacher minus fake at a re-noised `target` (guided: teacher with CFG).
+
+    The re-noise level and noise are fresh draws unless `level` / `noise` are given (coupled ablation)."""
+    s = level if level is not None else sample_levels(draws.local(f"{name}-level"), len(x0), method.level_clamp)
+    s = s.to(x0.device)
+    eps = noise if noise is not None else draws.noise_like(x0, f"{name}-noise")
+    xs = L.renoise(target.detach(), s, eps)
     teacher = [Call(xs, s, batch.cond)] + ([Call(xs, s, batch.null)] if guided else [])
 
     def finish(t: list[torch.Tensor], f: list[torch.Tensor]) -> torch.Tensor:
@@ -182,7 +211,10 @@ def student_terms(method, batch, traj, pred, draws) -> list[Term]:
         terms.append(matching_term("dm", w.dm, method, batch, pred.x0, pred.x0, draws))
     if w.cdm:
         target = traj.final if method.cdm_target == "full-trajectory" else pred.x0e
-        terms.append(matching_term("cdm", w.cdm, method, batch, pred.x0e, target, draws))
+        # coupled (an ablation): the teacher re-noises at the perturbation's own level (and gaussian noise)
+        coupled = method.cdm_teacher_level == "coupled" and pred.se is not None and method.cdm_perturbation != "none"
+        level, noise = (pred.se, pred.eps_e) if coupled else (None, None)
+        terms.append(matching_term("cdm", w.cdm, method, batch, pred.x0e, target, draws, level=level, noise=noise))
     if w.guided_dm:
         terms.append(matching_term("guided_dm", w.guided_dm, method, batch, pred.x0, pred.x0, draws, guided=True))
     return terms

@@ -1,6 +1,7 @@
 """The demo's before/after: teacher vs student at the inference step count, scored against the ground truth.
 
-`distill()` calls `write_before_after` at the end of a run whose teacher is `builtin:toy-sd3`; it writes
+The proving-ground plugin (`plugin.py`) reports `write_before_after` at the end of a run whose teacher is
+`builtin:toy-sd3`; it writes
 `before_after.png` (ground-truth modes; teacher at the student's step count without and with guidance;
 the student; the teacher at 50 guided steps) and `before_after.json` (their metrics, with noise floors).
 """
