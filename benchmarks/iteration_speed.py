@@ -8,7 +8,7 @@ process, on the same networks, optimizers and random draws:
   as `cdmctl/run.py` does it (accelerate, bf16 autocast on CUDA / float32 on CPU, float32 masters for the
   student and the fake teacher, bf16 frozen teacher, gradient checkpointing, student EMA).
 - **reference-style**: the same math (`cdmctl.engine.losses`, the same loss terms and draws) scheduled the
-  way the public CDM reference code schedules it, i.e. with the defects ALGORITHM.md lists: every simulation
+  way the public CDM reference code schedules it, i.e. with the defects docs/method.md lists: every simulation
   runs all n steps on every sample (no early stop); the CA and the DM student forwards are two forwards on
   identical inputs and the CDM student forward is a third; the teacher's CFG pair is two calls; the DM and
   CDM teacher calls and fake calls are not batched together.

@@ -306,7 +306,7 @@ def test_shift_matches_the_scheduler(backbone: SD3Backbone):
     shifted = backbone.shift(torch.tensor(LEVELS), 32, 32)
     torch.testing.assert_close(shifted, scheduler.sigmas[:-1], atol=1e-6, rtol=0)
     four_steps = backbone.shift(torch.tensor([1.0, 0.75, 0.5, 0.25]), 32, 32)
-    torch.testing.assert_close(four_steps, torch.tensor([1.0, 0.9, 0.75, 0.5]))  # ALGORITHM.md, "Time shift"
+    torch.testing.assert_close(four_steps, torch.tensor([1.0, 0.9, 0.75, 0.5]))  # docs/method.md, "Time shift"
 
 
 @pytest.mark.parametrize("size", [32, 64])

@@ -83,7 +83,7 @@ def test_user_preset_file_with_relative_prompts(tmp_path):
     path.write_text("model: {pretrained: some/model}\ndata: {prompts: my_prompts.txt}\n")
     p = load_preset(str(path))
     assert p.name == "mine" and p.data.prompts == str(tmp_path / "my_prompts.txt")
-    assert p.method.name == "cdm"  # unspecified sections take ALGORITHM.md's defaults
+    assert p.method.name == "cdm"  # unspecified sections take docs/method.md's defaults
     with pytest.raises(UserError, match="preset file not found"):
         load_preset(str(tmp_path / "missing.yaml"))
 

@@ -1,4 +1,4 @@
-"""Pydantic models of a preset, one per concern; every ablation switch of ALGORITHM.md is a field."""
+"""Pydantic models of a preset, one per concern; every ablation switch of docs/method.md is a field."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ class ScheduleConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["cdm", "cdm-fixed", "ddmd", "dmd2"] = Field("cdm", description="Method label (see ALGORITHM.md).")
+    name: Literal["cdm", "cdm-fixed", "ddmd", "dmd2"] = Field("cdm", description="Method label (see docs/method.md).")
     losses: LossWeights = Field(default_factory=LossWeights, description="Loss weights; any subset is an ablation.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Backward-simulation schedule.")
     guidance: float = Field(7.0, ge=0, description="Teacher guidance scale g used by CA and guided DM.")

@@ -1,4 +1,4 @@
-"""The student and fake-teacher losses of ALGORITHM.md as pure float32 tensor functions.
+"""The student and fake-teacher losses of docs/method.md as pure float32 tensor functions.
 
 Every student loss has one form, `mean (x0 - sg(x0 + D))^2`, and differs only in its update
 direction D; the teacher and fake predictions that build D never receive gradient. Inputs may be
@@ -24,7 +24,7 @@ def clean_estimate(x: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.T
 def renoise(x0: torch.Tensor, s: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """x_s = (1 - s) sg(x0) + s eps, float32 [B, ...].
 
-    Detached: every re-noising in ALGORITHM.md (fake update, CA, DM, CDM, gaussian CDM) uses sg(x0).
+    Detached: every re-noising in docs/method.md (fake update, CA, DM, CDM, gaussian CDM) uses sg(x0).
     """
     s = _per_sample(s, x0)
     return (1 - s) * x0.detach().float() + s * eps.float()
