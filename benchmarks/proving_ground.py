@@ -46,6 +46,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                            ["method.schedule.coverage=0", "method.schedule.level_range=[0.05,0.95]",
                             "method.schedule.inner=uniform"]),
     "cdm-coupled": ("CDM, coupled teacher level (sc = se)", ["method.cdm_teacher_level=coupled"]),
+    "cdm-ttur5": ("CDM, ttur ratio 5 (the pre-0.2 demo's)", ["method.ttur_ratio=5"]),
     # the open anomaly of D-DMD on the fixed schedule: is the normaliser floor (0.1) to blame?
     "ddmd-floor": ("D-DMD, normaliser floor 0.01", ["method.name=ddmd", *FIXED, "method.losses.cdm=0",
                                                      "method.normaliser_floor=0.01"]),

@@ -1,9 +1,9 @@
 """The demo's before/after: teacher vs student at the inference step count, scored against the ground truth.
 
-The proving-ground plugin (`plugin.py`) reports `write_before_after` at the end of a run whose teacher is
-`builtin:toy-sd3`; it writes
-`before_after.png` (ground-truth modes; teacher at the student's step count without and with guidance;
-the student; the teacher at 50 guided steps) and `before_after.json` (their metrics, with noise floors).
+The proving-ground plugin (`plugin.py`) calls `write_before_after` at the end of a run whose teacher is
+`builtin:toy-sd3`; it writes `before_after.png` (ground-truth modes; the teacher at the student's step
+count without and with guidance; the student at that count and at 8 steps; the teacher at 8 steps and
+at 50 guided steps) and `before_after.json` (their metrics, with noise floors).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 TOY_SOURCE = "builtin:toy-sd3"
 REFERENCE_STEPS = 50
 PER_PROMPT = 8  # samples of every prompt in each column's scores
+MORE_STEPS = 8  # the student is also scored at many steps, where the teacher is good
 
 
 def is_toy_teacher(pretrained: str) -> bool:
@@ -66,6 +67,9 @@ def write_before_after(run: "DistillRun", per_prompt: int | None = None, seed: i
     }
     with swap:
         columns[f"student, {steps} steps"] = run_column(student, steps, 1.0)
+        # a student must not get worse with more steps: the 8-step column shows it (and the guard checks it)
+        columns[f"student, {MORE_STEPS} steps"] = run_column(student, MORE_STEPS, 1.0)
+    columns[f"teacher, {MORE_STEPS} steps"] = run_column(tm, MORE_STEPS, 1.0)
     columns[f"teacher, {REFERENCE_STEPS} steps, guidance {guidance:g}"] = run_column(tm, REFERENCE_STEPS, guidance)
     floor = metrics.noise_floor(gt, per_prompt)
     shown = [c * len(gt.spec.shapes) + c % len(gt.spec.shapes) for c in range(len(gt.spec.colors))]
