@@ -31,7 +31,9 @@ def test_paper_recipe_defaults():
     assert p.model.pretrained == "stabilityai/stable-diffusion-3-medium-diffusers"
     assert p.model.resolution == 1024 and p.model.precision == "bf16" and p.model.gradient_checkpointing
     m = p.method
-    assert (m.name, m.schedule.kind, m.schedule.length, m.schedule.level_range) == ("cdm", "dynamic", (1, 28), (0.25, 0.95))
+    assert (m.name, m.schedule.kind, m.schedule.length) == ("cdm", "dynamic", (1, 28))
+    # the levels are ours, not the paper's [0.25, 0.95] through the shift (test_dynamic_presets_train_at_8_step_levels)
+    assert (m.schedule.level_range, m.schedule.inner, m.schedule.coverage) == ((0.05, 0.98), "stratified", 1.0)
     assert (m.losses.ca, m.losses.dm, m.losses.cdm, m.guidance, m.ttur_ratio, m.merge_decay) == (1, 1, 1, 7.0, 2, 0.999)
     assert (m.cdm_perturbation, m.cdm_target, m.level_clamp) == ("velocity", "local", (0.02, 0.98))
     o = p.optim
@@ -100,3 +102,33 @@ def test_presets_list_and_show_render(monkeypatch):
     assert shown.exit_code == 0
     assert "guidance: 5.0  # Teacher guidance scale g used by CA and guided DM." in shown.output
     assert "level_clamp: [0.02, 0.98]  # [s_min, s_max]" in shown.output
+
+
+# the time shift each shipped preset's teacher samples with (SD3-Medium's scheduler: 3; the proving ground's toy: 6)
+PRESET_SHIFT = {"demo": 6.0, "sd3-4nfe": 3.0}
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_SHIFT))
+def test_dynamic_presets_train_at_the_levels_1_to_8_step_inference_visits(name):
+    """Every level that 1-8 step inference visits (after the shift) has training levels near it, the lowest too."""
+    import torch
+
+    from cdmctl.engine.rng import generator
+    from cdmctl.engine.schedules import sample_dynamic_schedule
+
+    sched, k = load_preset(name).method.schedule, PRESET_SHIFT[name]
+    assert sched.kind == "dynamic" and sched.time_shift
+
+    def shift(s):
+        return k * s / (1 + (k - 1) * s)
+
+    levels = torch.cat([
+        sample_dynamic_schedule(generator(0, i, "length"), sched.length, sched.level_range, sched.inner,
+                                inner_gen=generator(0, i, "levels"), shift=shift, coverage=sched.coverage,
+                                coverage_gen=generator(0, i, "coverage"))[1:]
+        for i in range(400)
+    ])
+    visited = {round(float(shift(torch.tensor(j / n, dtype=torch.float64))), 3) for n in range(2, 9) for j in range(1, n)}
+    for level in sorted(visited):
+        near = float(((levels - level).abs() < 0.05).double().mean())
+        assert near > 0.03, f"{name}: only {near:.1%} of training levels within 0.05 of inference level {level}"

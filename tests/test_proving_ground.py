@@ -101,7 +101,8 @@ def test_shipped_teacher_with_guidance_at_50_steps_beats_itself_at_2(toy, gt):
 
 def test_demo_distillation_beats_the_teachers_own_few_step_samples(tmp_path, monkeypatch):
     """Regression guard: a short demo run (the real `distill` path) whose student, sampled at the demo's 4 steps,
-    lands on the ground truth's modes more often, and is closer to it in MMD, than the teacher at 4 steps."""
+    lands on the ground truth's modes more often, and is closer to it in MMD, than the teacher at 4 steps; and at
+    8 steps it is no worse than at 4 (students trained only near level 1 lost their low-level denoising)."""
     from cdmctl.config import load_preset
     from cdmctl.proving import demo
     from cdmctl.run import distill
@@ -118,3 +119,7 @@ def test_demo_distillation_beats_the_teachers_own_few_step_samples(tmp_path, mon
     teachers = [v for k, v in columns.items() if k.startswith(f"teacher, {n} steps")]  # without and with guidance
     assert student["precision"] > max(t["precision"] for t in teachers) + 0.05, columns
     assert student["mmd2"] < min(t["mmd2"] for t in teachers), columns
+    # measured at 120 iterations: student 4 / 8 steps precision 0.51 / 0.71, MMD^2 0.107 / 0.089; teacher 8: 0.71
+    more, teacher_more = columns[f"student, {demo.MORE_STEPS} steps"], columns[f"teacher, {demo.MORE_STEPS} steps"]
+    assert more["precision"] >= student["precision"] - 0.05 and more["mmd2"] <= student["mmd2"] + 0.01, columns
+    assert more["precision"] >= teacher_more["precision"] - 0.1, columns
