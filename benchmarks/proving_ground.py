@@ -234,9 +234,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", dest="extra", action="append", default=[], help="extra preset override for every run")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--workdir", type=Path, default=None, help="run folders (default: a temporary folder)")
+    p.add_argument("--variant-first", action="store_true", help="run all seeds of a variant before the next")
+    p.add_argument("--reuse", type=Path, action="append", default=[],
+                   help="runs.jsonl of an earlier cut-off run: its finished jobs are kept, not redone (repeatable)")
     p.add_argument("--from-runs", type=Path, default=None, help="only write the report from a runs.jsonl file")
     p.add_argument("--wall-seconds", type=float, default=0.0, help="with --from-runs: the wall time to report")
     return p.parse_args(argv)
+
+
+def job_variant(job: dict) -> str:
+    return f"teacher-g{job['guidance']:g}" if job["kind"] == "teacher" else job["variant"]
+
+
+def reused(paths: list[Path]) -> list[dict]:
+    """Finished jobs of earlier (cut-off) runs with the same settings: runs are deterministic, so not redone."""
+    lines = [line for p in paths for line in p.read_text().splitlines() if line.strip()]
+    return list({(r["variant"], r.get("seed")): r for r in map(json.loads, lines)}.values())
 
 
 def seeds_of(args: argparse.Namespace, variant: str) -> int:
@@ -270,11 +283,16 @@ def main(argv: list[str] | None = None) -> dict:
                   "workdir": str(work / f"{v}-s{seed}"), **common}
                  for seed in range(max(seeds_of(args, v) for v in args.variants))
                  for v in args.variants if seed < seeds_of(args, v)]  # seed by seed: a cut-off run has every variant
-        results = []
+        if args.variant_first:  # all seeds of the first variant first: the order of --variants is the priority
+            jobs = [j for j in jobs if j["kind"] == "teacher"] + sorted(
+                (j for j in jobs if j["kind"] == "run"), key=lambda j: (args.variants.index(j["variant"]), j["seed"]))
+        results = reused(args.reuse)
+        done = {(r["variant"], r.get("seed")) for r in results}
+        jobs = [j for j in jobs if (job_variant(j), j.get("seed")) not in done]
         args.out.mkdir(parents=True, exist_ok=True)
         partial = args.out / "proving_ground.runs.jsonl"  # one line per finished job: a cut-off run keeps them
-        partial.write_text("")
-        with mp.get_context("spawn").Pool(min(args.jobs, len(jobs)), maxtasksperchild=1) as pool:
+        partial.write_text("".join(json.dumps(r) + "\n" for r in results))
+        with mp.get_context("spawn").Pool(max(1, min(args.jobs, len(jobs))), maxtasksperchild=1) as pool:
             for r in pool.imap_unordered(run_job, jobs):
                 results.append(r)
                 with partial.open("a") as f:
