@@ -31,7 +31,10 @@ def distill(
         Optional[list[str]], typer.Option("--set", help="Override a field: --set optim.student_lr=2e-5 (repeatable).")
     ] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder (default: the preset's run.output_dir).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the folder from its last checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the folder from its newest intact checkpoint.")] = False,
+    checkpoint: Annotated[
+        str, typer.Option("--checkpoint", help="With --resume: 'latest' (newest intact) or an iteration number.")
+    ] = "latest",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the resolved preset; train nothing.")] = False,
     live: Annotated[Optional[bool], typer.Option("--live/--plain", help="Live dashboard or plain log lines.")] = None,
 ) -> None:
@@ -44,7 +47,7 @@ def distill(
         return
     from cdmctl.run import distill as run_distill
 
-    result = run_distill(resolved, out=out, resume=resume, live=live)
+    result = run_distill(resolved, out=out, resume=resume, live=live, checkpoint=checkpoint)
     if not result.main_process:
         return
     console.print(f"[bold green]done[/] {result.iterations} iterations")

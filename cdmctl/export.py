@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cdmctl.engine.checkpoint import find_checkpoint, load_weights, read_manifest
+from cdmctl.engine.checkpoint import find_checkpoint, load_weights, read_manifest, verify_checkpoint
 from cdmctl.errors import UserError
 
 INFO_FILE = "cdmctl.json"
@@ -181,7 +181,7 @@ def export_run(
     run_dir, out = Path(run_dir), Path(out)
     check_output(out, run_dir, overwrite)
     ckpt = find_checkpoint(run_dir, checkpoint)
-    manifest = read_manifest(ckpt)
+    manifest = verify_checkpoint(ckpt)  # every file against its hash, before anything is written
     torch_dtype = parse_dtype(dtype)
     which = weight_choice(manifest, ema)
     if lora_only and manifest.get("train", "full") != "lora":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from cdmctl.errors import UserError
 from cdmctl.networks import adamw, build_networks, lora_key
 from cdmctl.prompts import load_prompts
 from cdmctl.quiet import quiet_libraries
+from cdmctl.runfolder import trim_metrics
 
 RESUMABLE_CHANGES = {"train.iterations", "run"}  # fields a resumed run may change
 
@@ -137,21 +137,6 @@ class SampleGrid:
         return self.backbone.decode(final)
 
 
-def trim_metrics(folder: Path, iteration: int) -> None:
-    """On resume, drop log lines written after the checkpoint (they will be written again)."""
-    path = folder / "metrics.jsonl"
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("iteration", 0) <= iteration:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    path.write_text("".join(f"{line}\n" for line in keep))
-
-
 def preset_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two resolved presets."""
     keys = sorted(set(old) | set(new))
@@ -166,17 +151,17 @@ def preset_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
     return diffs
 
 
-def check_resumable(folder: Path, preset: Preset) -> None:
-    import yaml
+def check_resumable(checkpoint: Path, preset: Preset) -> None:
+    from cdmctl.runfolder import stored_preset
 
-    stored = yaml.safe_load((folder / "preset.yaml").read_text())
+    stored = stored_preset(checkpoint)  # what the weights were trained with, not the editable preset.yaml
     current = preset.model_dump(mode="json")
     changed = [
         d for d in preset_differences(stored, current) if not any(d.startswith(p) for p in RESUMABLE_CHANGES)
     ]
     if changed:
         raise UserError(
-            f"cannot resume {folder}: the preset differs in {', '.join(changed)}",
+            f"cannot resume {checkpoint.parent.parent}: the preset differs in {', '.join(changed)}",
             "resume with the run's own preset (only train.iterations and run.* may change), or start a new run",
         )
 
@@ -357,35 +342,47 @@ def write_run_reports(run: "DistillRun", dashboard) -> None:
             dashboard.note(line)
 
 
-def prepare_folder(preset: Preset, folder: Path, resume: bool) -> Path | None:
-    """Check the run folder; return the checkpoint to resume from (or None for a fresh run)."""
+def prepare_folder(preset: Preset, folder: Path, resume: bool, checkpoint: str = "latest") -> tuple[Path | None, list[str]]:
+    """Check the run folder; return the checkpoint to resume from (None: a fresh run) and notes for the user."""
+    from cdmctl.runfolder import start_point
     from cdmctl.runlog import write_preset
 
-    existing = ckpt.list_checkpoints(folder)
-    if resume:
-        if not existing:
-            raise UserError(f"nothing to resume in {folder}", "start it without --resume")
-        check_resumable(folder, preset)
-    elif existing or (folder / "metrics.jsonl").exists():
-        raise UserError(f"run folder {folder} already holds a run", "pass --resume to continue it, or --out NEW_DIR")
+    start, notes = start_point(folder, resume, checkpoint)
+    if start is not None:
+        check_resumable(start, preset)
     folder.mkdir(parents=True, exist_ok=True)
     write_preset(folder, preset.model_dump(mode="json"))
-    return existing[-1] if resume else None
+    return start, notes
 
 
-def distill(preset: Preset, out: str | None = None, resume: bool = False, live: bool | None = None) -> RunResult:
-    """Train a student as the preset says; returns where its checkpoint, log and last grid are."""
+def distill(preset: Preset, out: str | None = None, resume: bool = False, live: bool | None = None,
+            checkpoint: str = "latest") -> RunResult:
+    """Train a student as the preset says; returns where its checkpoint, log and last grid are.
+
+    `resume` continues from `checkpoint` ('latest' = the newest intact one) of the run folder."""
     from cdmctl.dashboard import Dashboard
+    from cdmctl.runfolder import RunLock, is_main_launch_process
 
     quiet_libraries()
     folder = run_folder(preset, out)
-    start_from = prepare_folder(preset, folder, resume)
+    lock = RunLock(folder).acquire() if is_main_launch_process() else None  # one writer per run folder
+    try:
+        return train_in(preset, folder, resume, live, checkpoint, Dashboard)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_in(preset: Preset, folder: Path, resume: bool, live: bool | None, checkpoint: str, Dashboard) -> RunResult:
+    start_from, notes = prepare_folder(preset, folder, resume, checkpoint)
     run = DistillRun(preset, folder)
     if start_from is not None:
         run.restore(start_from)
     main = run.accelerator.is_main_process
     title = f"cdmctl distill {preset.name}"
     with Dashboard(preset.train.iterations, title, live=live) if main else SilentDashboard() as dashboard:
+        for line in notes:
+            dashboard.note(line)
         hooks = run.start(dashboard)
         if main:
             write_run_reports(run, dashboard)

@@ -1,7 +1,8 @@
 """Atomic checkpoints with a manifest: write to a temporary folder, hash, rename; find and read them back.
 
 Layout of `RUN/checkpoints/step-0000100/` (the number is the iteration, i.e. fake-teacher updates):
-    manifest.json        counters, backbone, base model, training mode, resolved preset, files and sha256
+    manifest.json        counters, backbone, base model, training mode, resolved preset, files, and the sha256
+                         of every other file of the folder (state/ included), checked before resume and export
     student.safetensors  the student's trainable weights (full: transformer state dict; LoRA: the adapter)
     ema.safetensors      the student EMA, same keys (when EMA is on)
     state/               accelerate.save_state output (optimizers, fake teacher, RNG) for exact resume
@@ -21,8 +22,12 @@ from safetensors.torch import load_file, save_file
 
 from cdmctl.errors import UserError
 
-FORMAT = 1
+FORMAT = 2  # 2: sha256 of every file, keyed by its path in the folder (1: only student/ema, keyed by name)
 PREFIX = "step-"
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint whose manifest or files do not check out; resume falls back to an older one."""
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -35,6 +40,12 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def hash_tree(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` but the manifest, keyed by its relative POSIX path."""
+    return {p.relative_to(folder).as_posix(): sha256_of(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}  # fmt: skip
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -62,7 +73,7 @@ def finalize_checkpoint(
         "iteration": iteration,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "files": files,
-        "sha256": {name: sha256_of(staging / rel) for name, rel in files.items()},
+        "sha256": hash_tree(staging),
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if final.exists():  # a re-run of the same iteration replaces it only once the new one is complete
@@ -100,7 +111,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "manifest.json").is_file()]
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+             and (p / "manifest.json").is_file()]  # fmt: skip
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -123,7 +135,63 @@ def find_checkpoint(run_dir: Path, which: str | int = "latest") -> Path:
 
 
 def read_manifest(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint) / "manifest.json").read_text())
+    """The manifest, checked for form (not the file hashes: `verify_checkpoint`); DamagedCheckpoint if unreadable."""
+    path = Path(checkpoint) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedCheckpoint(f"{path} is not readable JSON ({type(exc).__name__})", "use another checkpoint") from exc
+    missing = [k for k in ("files", "sha256", "iteration") if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise DamagedCheckpoint(f"{path} lacks {', '.join(missing)}", "use another checkpoint")
+    return manifest
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(Path(checkpoint).name[len(PREFIX):])
+
+
+def verify_checkpoint(checkpoint: Path) -> dict[str, Any]:
+    """Check a checkpoint completely: manifest form, iteration = folder name, every hashed file present and
+    matching. Returns the manifest; raises DamagedCheckpoint naming the first problem."""
+    manifest = read_manifest(checkpoint)
+    if manifest["iteration"] != step_of(checkpoint):
+        raise DamagedCheckpoint(f"{checkpoint}: the manifest says iteration {manifest['iteration']}, the folder "
+                                f"{step_of(checkpoint)}", "use another checkpoint")
+    hashes = dict(manifest["sha256"])
+    if manifest.get("format", 1) < 2:  # format 1 hashed only the weight files, keyed by their name
+        hashes = {manifest["files"][k]: v for k, v in hashes.items() if k in manifest["files"]}
+    for rel in manifest["files"].values():
+        if rel not in hashes:
+            raise DamagedCheckpoint(f"{checkpoint}: {rel} has no hash in the manifest", "use another checkpoint")
+    for rel, digest in hashes.items():
+        path = Path(checkpoint) / rel
+        if not path.is_file():
+            raise DamagedCheckpoint(f"{checkpoint}: {rel} is missing", "use another checkpoint")
+        if sha256_of(path) != digest:
+            raise DamagedCheckpoint(f"{path} does not match its manifest hash (damaged or changed)",
+                                    "use another checkpoint")  # fmt: skip
+    return manifest
+
+
+def intact_checkpoint(run_dir: Path, which: str | int = "latest") -> tuple[Path, list[str]]:
+    """The checkpoint to use, verified: `latest` = the newest intact one, with a line per newer damaged one
+    skipped; an iteration number = exactly that one (DamagedCheckpoint if it is damaged)."""
+    if str(which) != "latest":
+        chosen = find_checkpoint(run_dir, which)
+        verify_checkpoint(chosen)
+        return chosen, []
+    skipped = []
+    for candidate in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(candidate)
+            return candidate, skipped
+        except DamagedCheckpoint as exc:
+            skipped.append(f"skipped damaged checkpoint {candidate.name}: {exc.message}")
+    if skipped:
+        raise DamagedCheckpoint(f"every checkpoint in {run_dir} is damaged ({skipped[0]})",
+                                "start a new run with --out NEW_DIR")  # fmt: skip
+    return find_checkpoint(run_dir), []  # raises the usual "no checkpoint" error
 
 
 def load_weights(checkpoint: Path, which: str = "student", verify: bool = True) -> dict[str, torch.Tensor]:
@@ -133,7 +201,9 @@ def load_weights(checkpoint: Path, which: str = "student", verify: bool = True) 
         raise UserError(
             f"checkpoint {checkpoint} has no '{which}' weights", f"stored: {', '.join(manifest['files'])}"
         )
-    path = Path(checkpoint) / manifest["files"][which]
-    if verify and sha256_of(path) != manifest["sha256"][which]:
+    rel = manifest["files"][which]
+    path = Path(checkpoint) / rel
+    digest = manifest["sha256"].get(rel, manifest["sha256"].get(which))  # format 2 keys by path, 1 by name
+    if verify and (not path.is_file() or sha256_of(path) != digest):
         raise UserError(f"{path} does not match its manifest hash (corrupt copy?)", "use another checkpoint")
     return load_file(str(path))
