@@ -259,12 +259,12 @@ def parse_metric_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 def prepare_metrics(names: Sequence[str], options: dict[str, dict[str, Any]] | None = None) -> list[tuple[Any, dict[str, Any]]]:
     """[(MetricSpec, resolved options)]: unknown metrics or options and missing extras fail here, before any work."""
     import cdmctl.metrics  # noqa: F401  (registers the plug-ins)
-    from cdmctl.metrics.base import get_metric
+    from cdmctl.metrics.base import canonical_name, get_metric
 
-    names = list(dict.fromkeys(names))
+    names = list(dict.fromkeys(canonical_name(n) for n in names))  # aliases (dpgbench -> dpg) count once
     if not names:
         raise UserError("no metrics given", "pass e.g. --metrics pickscore hpsv2")
-    options = dict(options or {})
+    options = {canonical_name(k): v for k, v in (options or {}).items()}
     stray = sorted(set(options) - set(names))
     if stray:
         raise UserError(f"options given for metrics not requested: {', '.join(stray)}", "add them to --metrics or drop the options")
