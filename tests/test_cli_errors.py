@@ -2,7 +2,8 @@
 
 Every refusal exits with its code, prints one `error:` line (plus an optional `  fix:` line) and never a
 traceback, and happens before diffusers/transformers are imported (checked with `python -X importtime`,
-not by timing). Ctrl-C and SIGTERM during training exit 130/143 with the line that says how to resume.
+not by timing). Ctrl-C and SIGTERM during training exit 130/143 with the line that says how to resume, and
+after SIGTERM that command does resume.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -171,3 +173,9 @@ def test_signal_during_training_exits_with_a_resume_line(sig, code, tmp_path):
     assert f"last checkpoint {checkpoint};" in last and (checkpoint / "manifest.json").is_file()
     assert last.endswith(f"--out {out} --resume")
     assert json.loads((checkpoint / "manifest.json").read_text())["iteration"] == iteration
+    command = shlex.split(last.split("resume with: ", 1)[1])
+    assert command[0] == "cdmctl"
+    resumed = subprocess.run([CDMCTL, *command[1:], "--set", f"train.iterations={iteration + 1}"],
+                             capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (out / "checkpoints" / f"step-{iteration + 1:07d}" / "manifest.json").is_file()
