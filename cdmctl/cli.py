@@ -194,7 +194,7 @@ def eval_(
     if not models:
         raise UserError("no --model given", "pass --model FOLDER (repeat it to compare), or --out FOLDER with --phase score")
     options = ev.parse_metric_options(metric_option or [])
-    if phase != "generate":
+    if ev.check_phase(phase) != "generate":
         ev.prepare_metrics(names, options)  # unknown metrics fail before any library loads (run_eval checks again)
     levels, steps, device = parse_sigmas(sigmas), check_steps(steps), check_device(device)
     _quiet_libraries()
@@ -286,9 +286,8 @@ def _exit_code(exc: Exception) -> int:
     """Print what a user needs to see of a non-UserError and return the exit code; re-raise real bugs."""
     if isinstance(exc, click_classes("Exit")):
         return exc.exit_code
-    if isinstance(exc, click_classes("Abort")):  # Ctrl-C or end of input at a prompt
-        print_error("interrupted")
-        return EXIT_SIGNAL["SIGINT"]
+    if isinstance(exc, click_classes("Abort")):  # older clicks' Ctrl-C; typer >= 0.2x returns Exit(130) instead
+        return EXIT_SIGNAL["SIGINT"]  # silent under both, as a shell command stopped by Ctrl-C is
     if isinstance(exc, click_classes("ClickException")):
         print_click_error(exc)
         return exc.exit_code

@@ -576,6 +576,12 @@ def _barrier() -> None:
     PartialState().wait_for_everyone()
 
 
+def check_phase(phase: str) -> str:
+    if phase not in PHASES:
+        raise UserError(f"unknown --phase '{phase}'", f"use one of {', '.join(PHASES)}")
+    return phase
+
+
 def run_eval(
     models: Sequence[str],
     prompts: str,
@@ -608,8 +614,7 @@ def run_eval(
     Metrics, their options and extras are checked first, so a missing extra costs no generation.
     With several processes every rank generates its share, then rank 0 scores.
     """
-    if phase not in PHASES:
-        raise UserError(f"unknown --phase '{phase}'", f"use one of {', '.join(PHASES)}")
+    check_phase(phase)
     if not models:
         raise UserError("no --model given", "pass --model FOLDER (repeat it to compare models)")
     if phase != "generate":

@@ -69,6 +69,7 @@ BAD_INPUTS = [
     (["generate", "a cat", "-m", "no-such-model", "--steps", "1000"], "--steps 1000 is outside 1..100", 2),
     (["eval", "-m", "no-such-model", "--phase", "generate", "--steps", "0"], "--steps 0 is outside 1..100", 2),
     (["eval", "-m", "no-such-model", "--metrics", "bogus"], "unknown metric 'bogus'", 2),
+    (["eval", "-m", "no-such-model", "--phase", "bogus"], "unknown --phase 'bogus'", 2),
 ]
 
 
