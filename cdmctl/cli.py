@@ -200,7 +200,8 @@ def eval_(
     _quiet_libraries()
     rows = ev.run_eval(
         models, prompts, names, out or ev.default_out(models), phase=phase,
-        metric_options=options, limit=limit, steps=steps, sigmas=levels, seed=seed, num_per_prompt=num_per_prompt, batch_size=batch_size,
+        metric_options=options, limit=limit, steps=steps, sigmas=levels, seed=seed, num_per_prompt=num_per_prompt,
+        batch_size=batch_size,
         score_batch_size=score_batch_size, height=height, width=width, checkpoint=checkpoint, ema=ema,
         device=device, dtype=dtype, rescore=rescore,
     )  # fmt: skip

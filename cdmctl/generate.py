@@ -160,7 +160,9 @@ def run_pipeline(
 def check_levels(levels: Sequence[float]) -> list[float]:
     """A user schedule: starts at 1.0 (pure noise, as in training) and strictly decreases to > 0."""
     levels = [float(s) for s in levels]
-    if not all(math.isfinite(s) for s in levels) or not levels or levels[0] != 1.0 or levels[-1] <= 0 or any(b >= a for a, b in zip(levels, levels[1:])):
+    finite = all(math.isfinite(s) for s in levels)  # nan compares false with everything: checked explicitly
+    decreasing = all(b < a for a, b in zip(levels, levels[1:]))
+    if not finite or not levels or levels[0] != 1.0 or levels[-1] <= 0 or not decreasing:
         raise UserError(
             f"bad --sigmas {levels}",
             "give unshifted levels starting at 1.0 and strictly decreasing, e.g. 1,0.75,0.5,0.25",
@@ -187,7 +189,8 @@ MAX_STEPS = 100
 def check_steps(steps: int | None) -> int | None:
     """--steps as given, refused below 1 or above MAX_STEPS (before any model is loaded)."""
     if steps is not None and not 1 <= steps <= MAX_STEPS:
-        raise UserError(f"--steps {steps} is outside 1..{MAX_STEPS}", "a distilled student samples in 1-8 steps, e.g. --steps 4")
+        fix = "a distilled student samples in 1-8 steps, e.g. --steps 4; a long schedule goes in --sigmas"
+        raise UserError(f"--steps {steps} is outside 1..{MAX_STEPS}", fix)
     return steps
 
 
