@@ -424,9 +424,9 @@ def distill(preset: Preset, out: str | None = None, resume: bool = False, live: 
 
     Raises RunInterrupted on Ctrl-C (at once) or SIGTERM (after checkpointing the current iteration).
     """
-    quiet_libraries()
     folder = run_folder(preset, out)
-    start_from = prepare_folder(preset, folder, resume)
+    start_from = prepare_folder(preset, folder, resume)  # its refusals come before the libraries load (seconds)
+    quiet_libraries()
     stop, run = StopSignals(), None
     try:
         with stop.installed():

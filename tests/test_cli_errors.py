@@ -56,6 +56,8 @@ BAD_INPUTS = [
     (["distill", "--bogus"], "No such option: --bogus", 2),
     (["distill"], "Missing option '--preset'", 2),
     (["distill", "--preset", "demo", "--set"], "'--set' requires an argument", 2),
+    (["distill", "--preset", "no-such-preset"], "unknown preset 'no-such-preset'", 2),
+    (["distill", "--preset", "demo", "--set", "optim.bogus=1"], "optim.bogus: unknown key", 2),
     (["export"], "Missing argument", 2),
     (["generate"], "Missing option '--model'", 2),
     (["generate", "--model", "no-such-model"], "no prompts given", 2),
@@ -81,6 +83,15 @@ def test_bad_input_is_one_error_line_before_heavy_imports(args, message, code):
     assert_one_error(lines, message)
     assert "Traceback" not in result.stdout
     assert not modules & set(HEAVY), f"{sorted(modules & set(HEAVY))} imported before the error"
+
+
+def test_a_busy_run_folder_is_refused_before_heavy_imports(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    result = run_cdmctl("distill", "--preset", "demo", "--out", str(tmp_path), importtime=True)
+    lines, modules = split_stderr(result.stderr)
+    assert result.returncode == 2
+    assert_one_error(lines, "already holds a run")
+    assert not modules & set(HEAVY)
 
 
 def test_cuda_on_a_cpu_only_torch_is_a_user_error():
