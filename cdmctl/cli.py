@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import shlex
 import sys
 from typing import Annotated, Optional
 
@@ -14,14 +16,36 @@ from cdmctl.errors import UserError
 app = typer.Typer(
     help="Distil flow-matching text-to-image models into 1-8 step students with Continuous-Time Distribution "
     "Matching, then export, sample and score them.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-presets_app = typer.Typer(help="List and inspect the built-in presets.", no_args_is_help=True)
+presets_app = typer.Typer(help="List and inspect the built-in presets.")
 app.add_typer(presets_app, name="presets")
 console = Console()
 err_console = Console(stderr=True)
+EXIT_USAGE = 2  # a usage error or a UserError (click's code for usage errors)
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a shell reports a killed job
+
+
+# Not typer's no_args_is_help: what that does differs between typer/click versions (help on stdout and exit 0
+# before click 8.2, a NoArgsIsHelpError since). Here it is always the help and exit 2, click 8.2's convention:
+# a bare group names no command, so scripts must not take it for success.
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context) -> None:
+    _help_when_bare(ctx)
+
+
+@presets_app.callback(invoke_without_command=True)
+def _presets(ctx: typer.Context) -> None:
+    _help_when_bare(ctx)
+
+
+def _help_when_bare(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
+        text = ctx.get_help()  # typer with rich prints the help itself and returns ""
+        if text:
+            typer.echo(text)
+        raise typer.Exit(EXIT_USAGE)
 
 
 @app.command()
@@ -45,9 +69,15 @@ def distill(
     if dry_run:
         _print_yaml(resolved.model_dump(mode="json"))
         return
+    from cdmctl.run import RunInterrupted
     from cdmctl.run import distill as run_distill
 
-    result = run_distill(resolved, out=out, resume=resume, live=live, checkpoint=checkpoint)
+    try:
+        result = run_distill(resolved, out=out, resume=resume, live=live, checkpoint=checkpoint)
+    except RunInterrupted as stop:
+        if stop.main_process:
+            err_console.print(interrupted_line(stop, preset, set_ or []), soft_wrap=True, highlight=False, markup=False)
+        raise typer.Exit(EXIT_SIGNAL.get(stop.signal_name, 130)) from None
     if not result.main_process:
         return
     console.print(f"[bold green]done[/] {result.iterations} iterations")
@@ -71,6 +101,7 @@ def export(
     """Export a run's checkpoint as a self-contained diffusers pipeline folder (plus cdmctl.json)."""
     from cdmctl.export import export_run
 
+    _quiet_libraries()
     folder = export_run(run_dir, out, checkpoint=checkpoint, ema=ema, dtype=dtype, lora_only=lora_only,
                         overwrite=overwrite)  # fmt: skip
     console.print(f"[bold green]exported[/] {escape(str(folder))}", soft_wrap=True, highlight=False)
@@ -105,13 +136,16 @@ def generate(
     teacher_guidance: Annotated[float, typer.Option(help="Teacher guidance scale.")] = 7.0,
 ) -> None:
     """Sample a few-step student: PNGs with their settings in the metadata, plus a contact sheet."""
+    from cdmctl.generate import check_device, check_steps, expand, parse_sigmas
     from cdmctl.generate import generate as run_generate
-    from cdmctl.generate import parse_sigmas
     from cdmctl.prompts import load_prompts
 
     texts = list(prompt or []) + (load_prompts(prompts) if prompts else [])
+    expand(texts, seed, num_images)  # no prompts, bad --num-images: refused before any library loads
+    levels, steps, device = parse_sigmas(sigmas), check_steps(steps), check_device(device)
+    _quiet_libraries()
     result = run_generate(
-        texts, model=model, out=out, checkpoint=checkpoint, ema=ema, steps=steps, sigmas=parse_sigmas(sigmas),
+        texts, model=model, out=out, checkpoint=checkpoint, ema=ema, steps=steps, sigmas=levels,
         seed=seed, num_images=num_images, batch_size=batch_size, height=height, width=width, device=device,
         dtype=dtype, compare_teacher=compare_teacher, teacher=teacher, teacher_steps=teacher_steps,
         teacher_guidance=teacher_guidance,
@@ -127,7 +161,7 @@ def generate(
 def eval_(
     ctx: typer.Context,
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Student to evaluate: exported folder, run folder or hub id. Repeat to compare several.")] = None,
-    metrics: Annotated[Optional[list[str]], typer.Option("--metrics", help="Metrics: pickscore clipscore hpsv2 aesthetic fid hpsv3 imagereward ocr dpg (space- or comma-separated).")] = None,
+    metrics: Annotated[Optional[list[str]], typer.Option("--metrics", help="Metrics: pickscore clipscore hpsv2 aesthetic fid hpsv3 imagereward ocr dpg (alias dpgbench), space- or comma-separated.")] = None,
     prompts: Annotated[str, typer.Option(help="Prompt set (pickscore-test, dpg-bench, ocr, coco-2014-10k) or a .txt/.jsonl file.")] = "pickscore-test",
     out: Annotated[Optional[str], typer.Option(help="Result folder (default evals/<model name>; several models: one folder each under it).")] = None,
     phase: Annotated[str, typer.Option(help="generate, score or all. Each phase resumes where it stopped.")] = "all",
@@ -150,7 +184,7 @@ def eval_(
 ) -> None:
     """Generate images for a prompt set and score them (PickScore, HPS, FID, ...); or compare result folders."""
     from cdmctl import evaluate as ev
-    from cdmctl.generate import parse_sigmas
+    from cdmctl.generate import check_device, check_steps, parse_sigmas
 
     extra = list(ctx.args)  # `--metrics a b` / `--compare A B`: click passes the values after the first as extras
     if compare:
@@ -162,10 +196,15 @@ def eval_(
     models = model or ([out] if phase == "score" and out else [])
     if not models:
         raise UserError("no --model given", "pass --model FOLDER (repeat it to compare), or --out FOLDER with --phase score")
+    options = ev.parse_metric_options(metric_option or [])
+    if ev.check_phase(phase) != "generate":
+        ev.prepare_metrics(names, options)  # unknown metrics fail before any library loads (run_eval checks again)
+    levels, steps, device = parse_sigmas(sigmas), check_steps(steps), check_device(device)
+    _quiet_libraries()
     rows = ev.run_eval(
         models, prompts, names, out or ev.default_out(models), phase=phase,
-        metric_options=ev.parse_metric_options(metric_option or []), limit=limit, steps=steps,
-        sigmas=parse_sigmas(sigmas), seed=seed, num_per_prompt=num_per_prompt, batch_size=batch_size,
+        metric_options=options, limit=limit, steps=steps, sigmas=levels, seed=seed, num_per_prompt=num_per_prompt,
+        batch_size=batch_size,
         score_batch_size=score_batch_size, height=height, width=width, checkpoint=checkpoint, ema=ema,
         device=device, dtype=dtype, rescore=rescore,
     )  # fmt: skip
@@ -206,6 +245,23 @@ def presets_show(
         _print_yaml(resolved.model_dump(mode="json"))
 
 
+def _quiet_libraries() -> None:
+    """Silence diffusers/transformers (imports them: seconds), so only once the arguments are known good."""
+    from cdmctl.quiet import quiet_libraries
+
+    quiet_libraries()
+
+
+def interrupted_line(stop, preset: str, overrides: list[str]) -> str:
+    """One line: what stopped the run, the checkpoint it resumes from, and the command that does it."""
+    command = ["cdmctl", "distill", "--preset", preset, *(a for o in overrides for a in ("--set", o)),
+               "--out", str(stop.folder)]  # fmt: skip
+    head = f"interrupted ({stop.signal_name}) at iteration {stop.iteration}"
+    if stop.checkpoint is None:
+        return f"{head}: no checkpoint yet, nothing to resume; start again with: {shlex.join(command[:-1])} NEW_DIR"
+    return f"{head}: last checkpoint {stop.checkpoint}; resume with: {shlex.join([*command, '--resume'])}"
+
+
 def _print_yaml(data: dict) -> None:
     import yaml
 
@@ -213,33 +269,63 @@ def _print_yaml(data: dict) -> None:
 
 
 def main() -> None:
-    """Entry point: user errors print one line with the fix and exit 2; training failures exit 1."""
-    if len(sys.argv) > 1 and sys.argv[1] in {"distill", "export", "generate", "eval"}:
-        from cdmctl.quiet import quiet_libraries
-
-        quiet_libraries()
+    """Entry point: usage and user errors print one line (and a fix) and exit 2; training failures exit 1."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns the code of a typer.Exit / --help instead of exiting
     except UserError as exc:
-        fix = f"\n  fix: {escape(exc.fix)}" if exc.fix else ""
-        err_console.print(f"[bold red]error:[/] {escape(exc.message)}{fix}", soft_wrap=True, highlight=False)
-        sys.exit(2)
-    except Exception as exc:  # click's own usage errors keep their usual exit code 2
-        import click
+        print_error(exc.message, exc.fix)
+        sys.exit(EXIT_USAGE)
+    except Exception as exc:
+        sys.exit(_exit_code(exc))
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
-        from cdmctl.engine.loop import TrainingDiverged
 
-        if isinstance(exc, TrainingDiverged):
-            err_console.print(f"[bold red]training stopped:[/] {escape(str(exc))}", soft_wrap=True)
-            sys.exit(1)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+def print_error(message: str, fix: str | None = None) -> None:
+    fix_line = f"\n  fix: {escape(fix)}" if fix else ""
+    err_console.print(f"[bold red]error:[/] {escape(message)}{fix_line}", soft_wrap=True, highlight=False)
+
+
+def _exit_code(exc: Exception) -> int:
+    """Print what a user needs to see of a non-UserError and return the exit code; re-raise real bugs."""
+    if isinstance(exc, click_classes("Exit")):
+        return exc.exit_code
+    if isinstance(exc, click_classes("Abort")):  # older clicks' Ctrl-C; typer >= 0.2x returns Exit(130) instead
+        return EXIT_SIGNAL["SIGINT"]  # silent under both, as a shell command stopped by Ctrl-C is
+    if isinstance(exc, click_classes("ClickException")):
+        print_click_error(exc)
+        return exc.exit_code
+    from cdmctl.engine.loop import TrainingDiverged
+
+    if isinstance(exc, TrainingDiverged):
+        err_console.print(f"[bold red]training stopped:[/] {escape(str(exc))}", soft_wrap=True)
+        return 1
+    raise exc
+
+
+def click_classes(name: str) -> tuple[type, ...]:
+    """Class `name` of every click that may raise here: typer >= 0.2x vendors click as `typer._click` (with
+    Exit and Abort in typer.exceptions), older typers use the `click` package; either may be installed."""
+    found: list[type] = []
+    for module in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+def print_click_error(exc) -> None:
+    """click's message on one line; for usage errors the fix names the usage and the command's --help."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None or exc.exit_code != EXIT_USAGE:
+        print_error(message)
+        return
+    usage = " ".join(ctx.get_usage().split()).removeprefix("Usage:").strip()
+    print_error(message, f"usage: {usage} (more in `{ctx.command_path} --help`)")
 
 
 if __name__ == "__main__":

@@ -259,12 +259,12 @@ def parse_metric_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 def prepare_metrics(names: Sequence[str], options: dict[str, dict[str, Any]] | None = None) -> list[tuple[Any, dict[str, Any]]]:
     """[(MetricSpec, resolved options)]: unknown metrics or options and missing extras fail here, before any work."""
     import cdmctl.metrics  # noqa: F401  (registers the plug-ins)
-    from cdmctl.metrics.base import get_metric
+    from cdmctl.metrics.base import canonical_name, get_metric
 
-    names = list(dict.fromkeys(names))
+    names = list(dict.fromkeys(canonical_name(n) for n in names))  # aliases (dpgbench -> dpg) count once
     if not names:
         raise UserError("no metrics given", "pass e.g. --metrics pickscore hpsv2")
-    options = dict(options or {})
+    options = {canonical_name(k): v for k, v in (options or {}).items()}
     stray = sorted(set(options) - set(names))
     if stray:
         raise UserError(f"options given for metrics not requested: {', '.join(stray)}", "add them to --metrics or drop the options")
@@ -576,6 +576,12 @@ def _barrier() -> None:
     PartialState().wait_for_everyone()
 
 
+def check_phase(phase: str) -> str:
+    if phase not in PHASES:
+        raise UserError(f"unknown --phase '{phase}'", f"use one of {', '.join(PHASES)}")
+    return phase
+
+
 def run_eval(
     models: Sequence[str],
     prompts: str,
@@ -608,8 +614,7 @@ def run_eval(
     Metrics, their options and extras are checked first, so a missing extra costs no generation.
     With several processes every rank generates its share, then rank 0 scores.
     """
-    if phase not in PHASES:
-        raise UserError(f"unknown --phase '{phase}'", f"use one of {', '.join(PHASES)}")
+    check_phase(phase)
     if not models:
         raise UserError("no --model given", "pass --model FOLDER (repeat it to compare models)")
     if phase != "generate":

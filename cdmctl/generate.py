@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,7 +160,9 @@ def run_pipeline(
 def check_levels(levels: Sequence[float]) -> list[float]:
     """A user schedule: starts at 1.0 (pure noise, as in training) and strictly decreases to > 0."""
     levels = [float(s) for s in levels]
-    if not levels or levels[0] != 1.0 or levels[-1] <= 0 or any(b >= a for a, b in zip(levels, levels[1:])):
+    finite = all(math.isfinite(s) for s in levels)  # nan compares false with everything: checked explicitly
+    decreasing = all(b < a for a, b in zip(levels, levels[1:]))
+    if not finite or not levels or levels[0] != 1.0 or levels[-1] <= 0 or not decreasing:
         raise UserError(
             f"bad --sigmas {levels}",
             "give unshifted levels starting at 1.0 and strictly decreasing, e.g. 1,0.75,0.5,0.25",
@@ -176,6 +179,42 @@ def parse_sigmas(text: str | None) -> list[float] | None:
     except ValueError as exc:
         fix = "write numbers separated by commas, e.g. 1,0.75,0.5,0.25"
         raise UserError(f"cannot read --sigmas '{text}'", fix) from exc
+
+
+# A distilled student samples in 1-8 steps, its teacher in ~28: far beyond that is a typo (1000 for 10), and
+# would cost minutes per image while looking like a hang. A longer custom schedule can still go in --sigmas.
+MAX_STEPS = 100
+
+
+def check_steps(steps: int | None) -> int | None:
+    """--steps as given, refused below 1 or above MAX_STEPS (before any model is loaded)."""
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        fix = "a distilled student samples in 1-8 steps, e.g. --steps 4; a long schedule goes in --sigmas"
+        raise UserError(f"--steps {steps} is outside 1..{MAX_STEPS}", fix)
+    return steps
+
+
+def check_device(name: str | None) -> str | None:
+    """--device as given, refused when torch cannot parse it or this machine/build has no such device."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown --device '{name}'", "use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return name
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no visible CUDA device"
+            raise UserError(f"--device {name}: {build}", "use --device cpu, or install torch with CUDA")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)", "use --device cuda:0")
+        return name
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    if not getattr(backend, "is_available", lambda: False)():
+        raise UserError(f"--device {name}: no {device.type} device available", "use --device cpu")
+    return name
 
 
 # ----------------------------------------------------------------------------- opening a model

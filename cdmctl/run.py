@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +40,41 @@ class RunResult:
     samples: Path | None
     iterations: int
     main_process: bool = True
+
+
+class RunInterrupted(Exception):
+    """Training stopped early by a signal (Ctrl-C, or SIGTERM from SLURM/Kubernetes); the CLI says how to resume."""
+
+    def __init__(self, signal_name: str, folder: Path, checkpoint: Path | None, iteration: int, main_process: bool):
+        super().__init__(f"{signal_name} at iteration {iteration}")
+        self.signal_name, self.folder, self.checkpoint = signal_name, folder, checkpoint
+        self.iteration, self.main_process = iteration, main_process
+
+
+class StopSignals:
+    """SIGTERM sets a flag instead of killing the process: the loop checkpoints at the end of the iteration.
+
+    Ctrl-C (SIGINT) keeps Python's KeyboardInterrupt: it stops at once, mid-iteration, where the state is
+    not consistent enough to checkpoint, so the last periodic checkpoint is what a resume starts from.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    @contextmanager
+    def installed(self):
+        try:
+            previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. called from a worker thread): signals are not ours
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class SilentDashboard:
@@ -169,8 +206,8 @@ def check_resumable(checkpoint: Path, preset: Preset) -> None:
 class RunHooks:
     """What the loop asks for: log lines (JSONL + dashboard), sample grids, checkpoints."""
 
-    def __init__(self, run: "DistillRun", dashboard):
-        self.run, self.dashboard = run, dashboard
+    def __init__(self, run: "DistillRun", dashboard, stop: StopSignals | None = None):
+        self.run, self.dashboard, self.stop = run, dashboard, stop
         self.last_checkpoint: Path | None = None
         self.last_grid: Path | None = None
 
@@ -191,6 +228,15 @@ class RunHooks:
     def checkpoint(self, iteration: int) -> None:
         self.last_checkpoint = self.run.save_checkpoint(iteration)
         self.dashboard.note(f"checkpoint {self.last_checkpoint.name} written")
+
+    def stop_requested(self) -> bool:
+        """A signal reached any process: all stop after the same iteration (a lone rank would hang the rest)."""
+        flag = self.stop is not None and self.stop.received is not None
+        acc = self.run.accelerator
+        if acc.num_processes == 1:
+            return flag
+        total = acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum")
+        return bool(total.item() > 0)
 
 
 class DistillRun:
@@ -312,9 +358,9 @@ class DistillRun:
         self.distiller.cost.load_state_dict(manifest["cost_totals"])
         trim_metrics(self.folder, self.distiller.counters.iteration)
 
-    def start(self, dashboard) -> RunHooks:
+    def start(self, dashboard, stop: StopSignals | None = None) -> RunHooks:
         p = self.preset
-        hooks = RunHooks(self, dashboard)
+        hooks = RunHooks(self, dashboard, stop)
         if self.distiller.counters.iteration == 0:
             hooks.sample(0)  # the "before" picture: the student still equals the teacher
         schedule = Schedule(p.train.iterations, p.run.log_every, p.run.sample_every, p.run.checkpoint_every,
@@ -359,32 +405,59 @@ def distill(preset: Preset, out: str | None = None, resume: bool = False, live: 
             checkpoint: str = "latest") -> RunResult:
     """Train a student as the preset says; returns where its checkpoint, log and last grid are.
 
-    `resume` continues from `checkpoint` ('latest' = the newest intact one) of the run folder."""
-    from cdmctl.dashboard import Dashboard
+    `resume` continues from `checkpoint` ('latest' = the newest intact one) of the run folder. One process
+    writes a run folder at a time (a lock). Raises RunInterrupted on Ctrl-C (at once) or SIGTERM (after
+    checkpointing the current iteration).
+    """
     from cdmctl.runfolder import RunLock, is_main_launch_process
 
-    quiet_libraries()
     folder = run_folder(preset, out)
     lock = RunLock(folder).acquire() if is_main_launch_process() else None  # one writer per run folder
     try:
-        return train_in(preset, folder, resume, live, checkpoint, Dashboard)
+        # the folder's refusals come before the libraries load (seconds)
+        start_from, notes = prepare_folder(preset, folder, resume, checkpoint)
+        quiet_libraries()
+        return train_until_done_or_stopped(preset, folder, start_from, notes, live)
     finally:
         if lock is not None:
             lock.release()
 
 
-def train_in(preset: Preset, folder: Path, resume: bool, live: bool | None, checkpoint: str, Dashboard) -> RunResult:
-    start_from, notes = prepare_folder(preset, folder, resume, checkpoint)
-    run = DistillRun(preset, folder)
-    if start_from is not None:
-        run.restore(start_from)
+def train_until_done_or_stopped(preset: Preset, folder: Path, start_from: Path | None, notes: list[str],
+                                live: bool | None) -> RunResult:  # fmt: skip
+    stop, run = StopSignals(), None
+    try:
+        with stop.installed():
+            run = DistillRun(preset, folder)
+            if start_from is not None:
+                run.restore(start_from)
+            hooks = train_with_dashboard(run, preset, live, stop, notes)
+    except KeyboardInterrupt:
+        raise interrupted("SIGINT", run, folder) from None
+    if run.distiller.counters.iteration < preset.train.iterations:  # stopped early: only a signal does that
+        raise interrupted(stop.received or "signal", run, folder)
+    return RunResult(folder, hooks.last_checkpoint, folder / "metrics.jsonl", hooks.last_grid,
+                     run.distiller.counters.iteration, run.accelerator.is_main_process)
+
+
+def train_with_dashboard(run: DistillRun, preset: Preset, live: bool | None, stop: StopSignals,
+                         notes: list[str]) -> RunHooks:  # fmt: skip
+    from cdmctl.dashboard import Dashboard
+
     main = run.accelerator.is_main_process
     title = f"cdmctl distill {preset.name}"
     with Dashboard(preset.train.iterations, title, live=live) if main else SilentDashboard() as dashboard:
         for line in notes:
             dashboard.note(line)
-        hooks = run.start(dashboard)
-        if main:
+        hooks = run.start(dashboard, stop)
+        if main and stop.received is None:
             write_run_reports(run, dashboard)
-    return RunResult(folder, hooks.last_checkpoint, folder / "metrics.jsonl", hooks.last_grid,
-                     run.distiller.counters.iteration, main)
+    return hooks
+
+
+def interrupted(signal_name: str, run: DistillRun | None, folder: Path) -> RunInterrupted:
+    """Where the run stands: the newest complete checkpoint on disk (this session's or an earlier one's)."""
+    existing = ckpt.list_checkpoints(folder)
+    iteration = run.distiller.counters.iteration if run is not None else 0
+    main = run.accelerator.is_main_process if run is not None else True
+    return RunInterrupted(signal_name, folder, existing[-1] if existing else None, iteration, main)

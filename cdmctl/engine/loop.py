@@ -41,6 +41,7 @@ class Hooks(Protocol):
     def log(self, record: dict[str, Any]) -> None: ...
     def sample(self, iteration: int) -> None: ...
     def checkpoint(self, iteration: int) -> None: ...
+    def stop_requested(self) -> bool: ...  # asked after every iteration: True = checkpoint here and return
 
 
 def warmup_lr(base: float, step: int, warmup: int) -> float:
@@ -169,7 +170,11 @@ def due(iteration: int, every: int, total: int) -> bool:
 
 
 def train(distiller: Distiller, schedule: Schedule, hooks: Hooks, batch_size: int) -> Counters:
-    """Run iterations until `schedule.total`; the hooks log, sample and checkpoint."""
+    """Run iterations until `schedule.total`, or until the hooks ask to stop; the hooks log, sample and checkpoint.
+
+    A stop is honoured only between iterations, after a checkpoint of that iteration: the run layer turns
+    e.g. SIGTERM into `stop_requested()`, and the run resumes exactly where it stopped.
+    """
     window: dict[str, list] = {}
     tick, done_in_window = time.perf_counter(), 0
     while distiller.counters.iteration < schedule.total:
@@ -189,8 +194,13 @@ def train(distiller: Distiller, schedule: Schedule, hooks: Hooks, batch_size: in
             window, tick, done_in_window = {}, time.perf_counter(), 0
         if due(c.iteration, schedule.sample_every, schedule.total):
             hooks.sample(c.iteration)
-        if due(c.iteration, schedule.checkpoint_every, schedule.total):
+        checkpointed = due(c.iteration, schedule.checkpoint_every, schedule.total)
+        if checkpointed:
             hooks.checkpoint(c.iteration)
+        if hooks.stop_requested():
+            if not checkpointed:
+                hooks.checkpoint(c.iteration)
+            break
     return distiller.counters
 
 

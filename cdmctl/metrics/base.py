@@ -66,6 +66,17 @@ class MetricSpec:
 
 
 REGISTRY: dict[str, MetricSpec] = {}
+# Other spellings -> registered name: the CDM reference's metric names (its `dpgbench`) and common variants,
+# so that a command line copied from it works unchanged. Results are stored under the registered name.
+ALIASES: dict[str, str] = {"dpgbench": "dpg", "dpg-bench": "dpg", "dpg_bench": "dpg", "hps": "hpsv2",
+                           "hpsv2.1": "hpsv2", "clip": "clipscore", "clip_score": "clipscore",
+                           "pick_score": "pickscore", "image_reward": "imagereward", "aes": "aesthetic"}
+
+
+def canonical_name(name: str) -> str:
+    """The registered name of a metric given in any accepted spelling (case-insensitive)."""
+    lowered = name.strip().lower()
+    return ALIASES.get(lowered, lowered)
 
 
 def register(spec: MetricSpec) -> MetricSpec:
@@ -76,6 +87,6 @@ def register(spec: MetricSpec) -> MetricSpec:
 
 
 def get_metric(name: str) -> MetricSpec:
-    if name not in REGISTRY:
+    if canonical_name(name) not in REGISTRY:
         raise UserError(f"unknown metric '{name}'", f"available: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
+    return REGISTRY[canonical_name(name)]

@@ -1,0 +1,193 @@
+"""Bad command lines through the installed `cdmctl` entry point (a real subprocess, as a user runs it).
+
+Every refusal exits with its code, prints one `error:` line (plus an optional `  fix:` line) and never a
+traceback, and happens before diffusers/transformers are imported (checked with `python -X importtime`,
+not by timing). Ctrl-C and SIGTERM during training exit 130/143 with the line that says how to resume, and
+after SIGTERM that command does resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CDMCTL = shutil.which("cdmctl") or str(Path(sys.executable).parent / "cdmctl")
+HEAVY = ("diffusers", "transformers")
+IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$")
+
+
+def run_cdmctl(*args: str, importtime: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The entry-point script itself; with `importtime`, under `python -X importtime` to log every import."""
+    cmd = [sys.executable, "-X", "importtime", CDMCTL, *args] if importtime else [CDMCTL, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+
+
+def split_stderr(err: str) -> tuple[list[str], set[str]]:
+    """(our stderr lines, the top-level names of every module imported) from an -X importtime stderr."""
+    lines, modules = [], set()
+    for line in err.splitlines():
+        match = IMPORT_LINE.match(line)
+        if match:
+            modules.add(match.group(1).split(".")[0])
+        elif not line.startswith("import time:"):
+            lines.append(line)
+    return lines, modules
+
+
+def assert_one_error(lines: list[str], message: str) -> None:
+    assert not any("Traceback" in line for line in lines), lines
+    assert 1 <= len(lines) <= 2, lines
+    assert lines[0].startswith("error: ") and message in lines[0], lines
+    assert len(lines) == 1 or lines[1].startswith("  fix: "), lines
+
+
+# (arguments, what the error line says, exit code). Models need not exist: each refusal comes first.
+BAD_INPUTS = [
+    (["distill", "--bogus"], "No such option: --bogus", 2),
+    (["distill"], "Missing option '--preset'", 2),
+    (["distill", "--preset", "demo", "--set"], "'--set' requires an argument", 2),
+    (["distill", "--preset", "no-such-preset"], "unknown preset 'no-such-preset'", 2),
+    (["distill", "--preset", "demo", "--set", "optim.bogus=1"], "optim.bogus: unknown key", 2),
+    (["export"], "Missing argument", 2),
+    (["generate"], "Missing option '--model'", 2),
+    (["generate", "--model", "no-such-model"], "no prompts given", 2),
+    (["generate", "a cat", "--steps", "abc"], "Invalid value for '--steps'", 2),
+    (["nocmd"], "No such command 'nocmd'", 2),
+    (["presets", "nocmd"], "No such command 'nocmd'", 2),
+    (["generate", "a cat", "-m", "no-such-model", "--device", "bogus"], "unknown --device 'bogus'", 2),
+    (["eval", "-m", "no-such-model", "--phase", "generate", "--device", "bogus"], "unknown --device 'bogus'", 2),
+    (["generate", "a cat", "-m", "no-such-model", "--sigmas", "1,nan"], "bad --sigmas", 2),
+    (["eval", "-m", "no-such-model", "--phase", "generate", "--sigmas", "1,nan"], "bad --sigmas", 2),
+    (["generate", "a cat", "-m", "no-such-model", "--steps", "1000"], "--steps 1000 is outside 1..100", 2),
+    (["eval", "-m", "no-such-model", "--phase", "generate", "--steps", "0"], "--steps 0 is outside 1..100", 2),
+    (["eval", "-m", "no-such-model", "--metrics", "bogus"], "unknown metric 'bogus'", 2),
+    (["eval", "-m", "no-such-model", "--phase", "bogus"], "unknown --phase 'bogus'", 2),
+]
+
+
+@pytest.mark.parametrize("args, message, code", BAD_INPUTS, ids=[" ".join(a) for a, _, _ in BAD_INPUTS])
+def test_bad_input_is_one_error_line_before_heavy_imports(args, message, code):
+    result = run_cdmctl(*args, importtime=True)
+    lines, modules = split_stderr(result.stderr)
+    assert result.returncode == code, result.stderr
+    assert_one_error(lines, message)
+    assert "Traceback" not in result.stdout
+    assert not modules & set(HEAVY), f"{sorted(modules & set(HEAVY))} imported before the error"
+
+
+def test_a_busy_run_folder_is_refused_before_heavy_imports(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    result = run_cdmctl("distill", "--preset", "demo", "--out", str(tmp_path), importtime=True)
+    lines, modules = split_stderr(result.stderr)
+    assert result.returncode == 2
+    assert_one_error(lines, "already holds a run")
+    assert not modules & set(HEAVY)
+
+
+def test_cuda_on_a_cpu_only_torch_is_a_user_error():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_cdmctl("generate", "a cat", "-m", "no-such-model", "--device", "cuda")
+    assert result.returncode == 2
+    assert_one_error(result.stderr.splitlines(), "--device cuda:")
+
+
+@pytest.mark.parametrize("args", [[], ["presets"]], ids=["cdmctl", "cdmctl presets"])
+def test_bare_group_prints_help_and_exits_2(args):
+    """click >= 8.2's convention, kept whatever click is installed: naming no command is a usage error."""
+    result = run_cdmctl(*args)
+    assert result.returncode == 2
+    assert "Usage:" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_help_still_exits_0():
+    result = run_cdmctl("--help")
+    assert result.returncode == 0 and "distill" in result.stdout and not result.stderr
+
+
+def test_every_metric_name_of_the_cdm_reference_is_accepted(tmp_path):
+    """The reference's names (`dpgbench` included) pass the metric check; then an empty folder is refused."""
+    names = "imagereward clipscore pickscore hpsv2 hpsv3 aesthetic ocr dpgbench".split()
+    result = run_cdmctl("eval", "--metrics", *names, "--phase", "score", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert "unknown metric" not in result.stderr
+    assert_one_error(result.stderr.splitlines(), "")  # "no generated images", or an extra not installed here
+
+
+# ----------------------------------------------------------------------------- signals during training
+
+TINY_DEMO = {  # the demo preset on the tiny random pipeline, CPU-sized: a few seconds per iteration
+    "model.pretrained": "builtin:tiny-sd3",
+    "model.resolution": 16,
+    "train.iterations": 100000,
+    "train.batch_size": 2,
+    "method.schedule.length": "[1, 4]",
+    "run.log_every": 1,
+    "run.sample_every": 0,
+    "run.checkpoint_every": 0,  # only the signal's own checkpoint (SIGTERM) can exist
+    "data.sample_prompts": "[a red cat]",
+}
+
+
+def start_training(out: Path) -> subprocess.Popen:
+    sets = [a for k, v in TINY_DEMO.items() for a in ("--set", f"{k}={v}")]
+    return subprocess.Popen(
+        [CDMCTL, "distill", "--preset", "demo", "--plain", "--out", str(out), *sets],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job may inherit SIG_IGN
+    )  # fmt: skip
+
+
+def wait_for_metrics(proc: subprocess.Popen, out: Path, timeout: float = 240) -> None:
+    """Until the first metrics line is written: training is then inside the loop."""
+    deadline = time.monotonic() + timeout
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"training did not start: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_signal_during_training_exits_with_a_resume_line(sig, code, tmp_path):
+    out = tmp_path / "run"
+    proc = start_training(out)
+    wait_for_metrics(proc, out)
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("training did not stop on the signal")
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted ({sig.name}) at iteration "), last
+    iteration = int(re.search(r"at iteration (\d+)", last).group(1))
+    if sig == signal.SIGINT:  # at once, mid-iteration: nothing consistent to save, none was due
+        assert "no checkpoint yet" in last and last.endswith("--out NEW_DIR")
+        assert not list(out.glob("checkpoints/step-*"))
+        return
+    # SIGTERM: the iteration in progress finishes and is checkpointed, and the printed command resumes it
+    checkpoint = out / "checkpoints" / f"step-{iteration:07d}"
+    assert f"last checkpoint {checkpoint};" in last and (checkpoint / "manifest.json").is_file()
+    assert last.endswith(f"--out {out} --resume")
+    assert json.loads((checkpoint / "manifest.json").read_text())["iteration"] == iteration
+    command = shlex.split(last.split("resume with: ", 1)[1])
+    assert command[0] == "cdmctl"
+    resumed = subprocess.run([CDMCTL, *command[1:], "--set", f"train.iterations={iteration + 1}"],
+                             capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (out / "checkpoints" / f"step-{iteration + 1:07d}" / "manifest.json").is_file()
