@@ -86,7 +86,8 @@ def test_bad_input_is_one_error_line_before_heavy_imports(args, message, code):
 
 
 def test_a_busy_run_folder_is_refused_before_heavy_imports(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "checkpoints" / "step-0000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-0000002" / "manifest.json").write_text("{}")
     result = run_cdmctl("distill", "--preset", "demo", "--out", str(tmp_path), importtime=True)
     lines, modules = split_stderr(result.stderr)
     assert result.returncode == 2
