@@ -138,7 +138,10 @@ def generate(
     """Sample a few-step student: PNGs with their settings in the metadata, plus a contact sheet."""
     from cdmctl.generate import check_device, check_steps, expand, parse_sigmas
     from cdmctl.generate import generate as run_generate
+    from cdmctl.outputs import check_not_file
     from cdmctl.prompts import load_prompts
+
+    check_not_file(out)
 
     texts = list(prompt or []) + (load_prompts(prompts) if prompts else [])
     expand(texts, seed, num_images)  # no prompts, bad --num-images: refused before any library loads
@@ -185,6 +188,7 @@ def eval_(
     """Generate images for a prompt set and score them (PickScore, HPS, FID, ...); or compare result folders."""
     from cdmctl import evaluate as ev
     from cdmctl.generate import check_device, check_steps, parse_sigmas
+    from cdmctl.outputs import check_not_file
 
     extra = list(ctx.args)  # `--metrics a b` / `--compare A B`: click passes the values after the first as extras
     if compare:
@@ -196,6 +200,7 @@ def eval_(
     models = model or ([out] if phase == "score" and out else [])
     if not models:
         raise UserError("no --model given", "pass --model FOLDER (repeat it to compare), or --out FOLDER with --phase score")
+    check_not_file(out or ev.default_out(models))
     options = ev.parse_metric_options(metric_option or [])
     if ev.check_phase(phase) != "generate":
         ev.prepare_metrics(names, options)  # unknown metrics fail before any library loads (run_eval checks again)
@@ -274,7 +279,7 @@ def main() -> None:
         code = app(standalone_mode=False)  # returns the code of a typer.Exit / --help instead of exiting
     except UserError as exc:
         print_error(exc.message, exc.fix)
-        sys.exit(EXIT_USAGE)
+        sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
     except Exception as exc:
         sys.exit(_exit_code(exc))
     if isinstance(code, int) and code:

@@ -35,6 +35,7 @@ from typing import Any
 from PIL import Image
 
 from cdmctl.errors import UserError
+from cdmctl.outputs import reporting_disk_full
 
 IMAGES = "images"
 SETTINGS = "generation.json"
@@ -167,7 +168,11 @@ def _student_sampler(model: str, out: Path, *, steps: int | None, sigmas: list[f
 
 def _save_png(image: Image.Image, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
+    try:
+        image.save(tmp, format="PNG")
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half PNG
+        raise
     os.replace(tmp, path)  # a PNG on disk is always complete
 
 
@@ -271,7 +276,10 @@ def prepare_metrics(names: Sequence[str], options: dict[str, dict[str, Any]] | N
     specs = [get_metric(name) for name in names]
     for spec in specs:
         spec.check_installed()
-    return [(spec, spec.resolve_options(options.get(spec.name))) for spec in specs]
+    prepared = [(spec, spec.resolve_options(options.get(spec.name))) for spec in specs]
+    for spec, opts in prepared:
+        spec.check_weights(opts)  # weights an offline machine lacks: refused before generation, not after
+    return prepared
 
 
 class LazyImages(Sequence):
@@ -622,21 +630,22 @@ def run_eval(
     env_rank, env_world = dist_env()
     rank, world_size = env_rank if rank is None else rank, env_world if world_size is None else world_size
     folders = model_dirs(out, models)
-    if phase != "score":
-        from cdmctl.prompt_sets import load_eval_prompts
+    with reporting_disk_full(out):  # images, scores and summaries all fill a disk
+        if phase != "score":
+            from cdmctl.prompt_sets import load_eval_prompts
 
-        prompt_list = load_eval_prompts(prompts, limit)
-        for model, folder in zip(models, folders):
-            run_generate(
-                model, prompt_list, folder, steps=steps, sigmas=sigmas, seed=seed, num_per_prompt=num_per_prompt,
-                batch_size=batch_size, height=height, width=width, rank=rank, world_size=world_size,
-                checkpoint=checkpoint, ema=ema, device=device, dtype=dtype, prompt_source=prompts,
-                sampler=sampler_factory(model) if sampler_factory else None, progress=progress,
-            )  # fmt: skip
-        if world_size > 1:
-            _barrier()
-    if phase == "generate" or rank != 0:
-        return []
-    for folder in folders:
-        run_score(folder, metrics, metric_options, device=device, batch_size=score_batch_size, rescore=rescore, progress=progress)
-    return compare(folders)
+            prompt_list = load_eval_prompts(prompts, limit)
+            for model, folder in zip(models, folders):
+                run_generate(
+                    model, prompt_list, folder, steps=steps, sigmas=sigmas, seed=seed, num_per_prompt=num_per_prompt,
+                    batch_size=batch_size, height=height, width=width, rank=rank, world_size=world_size,
+                    checkpoint=checkpoint, ema=ema, device=device, dtype=dtype, prompt_source=prompts,
+                    sampler=sampler_factory(model) if sampler_factory else None, progress=progress,
+                )  # fmt: skip
+            if world_size > 1:
+                _barrier()
+        if phase == "generate" or rank != 0:
+            return []
+        for folder in folders:
+            run_score(folder, metrics, metric_options, device=device, batch_size=score_batch_size, rescore=rescore, progress=progress)
+        return compare(folders)

@@ -13,6 +13,7 @@ import torch
 
 from cdmctl.engine.checkpoint import find_checkpoint, load_weights, read_manifest, verify_checkpoint
 from cdmctl.errors import UserError
+from cdmctl.outputs import check_not_file, reporting_disk_full
 
 INFO_FILE = "cdmctl.json"
 INFO_FORMAT = 1
@@ -190,24 +191,26 @@ def export_run(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        if lora_only:
-            write_lora(tmp, load_weights(ckpt, which), manifest, torch_dtype)
-        else:
-            pipe, _ = student_pipeline(ckpt, ema=ema, dtype=torch_dtype)
-            pipe.save_pretrained(str(tmp), safe_serialization=True)
-        kind = "lora" if lora_only else "pipeline"
-        info = export_info(run_dir, ckpt, manifest, which, DTYPE_NAMES[torch_dtype], kind)
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with reporting_disk_full(out):  # the half-written folder is removed below, before the error is told
+        try:
+            if lora_only:
+                write_lora(tmp, load_weights(ckpt, which), manifest, torch_dtype)
+            else:
+                pipe, _ = student_pipeline(ckpt, ema=ema, dtype=torch_dtype)
+                pipe.save_pretrained(str(tmp), safe_serialization=True)
+            kind = "lora" if lora_only else "pipeline"
+            info = export_info(run_dir, ckpt, manifest, which, DTYPE_NAMES[torch_dtype], kind)
+            (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+            replace_folder(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 
 def check_output(out: Path, run_dir: Path, overwrite: bool) -> None:
     """Refuse a non-empty `out` (unless overwrite) and any `out` that holds the run itself."""
+    check_not_file(out)
     target, run = out.resolve(), run_dir.resolve()
     if target == run or target in run.parents:
         raise UserError(f"--out {out} would replace the run folder {run_dir}", "export to a folder outside the run")

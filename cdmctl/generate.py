@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from cdmctl.errors import UserError
+from cdmctl.outputs import reporting_disk_full
 from cdmctl.export import INFO_FILE, dtype_kwarg, inference_levels, parse_dtype, read_info
 
 DEFAULT_STEPS = 4
@@ -412,17 +413,22 @@ def write_images(
     from cdmctl.runlog import save_grid
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index, (image, prompt, seed) in enumerate(zip(images, prompts, seeds)):
-        meta = PngInfo()
-        for key, value in png_text(prompt, seed, settings).items():
-            meta.add_text(key, value)  # PIL writes iTXt when the text is not latin-1
-        path = out / f"{index:04d}-seed{seed}.png"
-        image.save(path, pnginfo=meta)
-        paths.append(path)
-    if images:
-        save_grid(images_tensor(images), out / GRID_FILE)
+    with reporting_disk_full(out):
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for index, (image, prompt, seed) in enumerate(zip(images, prompts, seeds)):
+            meta = PngInfo()
+            for key, value in png_text(prompt, seed, settings).items():
+                meta.add_text(key, value)  # PIL writes iTXt when the text is not latin-1
+            path = out / f"{index:04d}-seed{seed}.png"
+            try:
+                image.save(path, pnginfo=meta)
+            except BaseException:
+                path.unlink(missing_ok=True)  # a truncated PNG would pass for an image
+                raise
+            paths.append(path)
+        if images:
+            save_grid(images_tensor(images), out / GRID_FILE)
     return paths
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -36,6 +37,18 @@ def load_prompts(source: str) -> list[str]:
     if not prompts:
         raise UserError(f"prompt file {path} contains no prompts", "add at least one non-blank prompt")
     return prompts
+
+
+def prompt_file_sha256(source: str) -> str | None:
+    """sha256 of a prompt file's bytes, recorded in checkpoints so a resume notices an edited file;
+    None for `builtin:NAME` lists, which change only with cdmctl itself."""
+    if source.startswith(BUILTIN_PREFIX):
+        return None
+    digest = hashlib.sha256()
+    with open(_resolve(source), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _resolve(source: str) -> Path:

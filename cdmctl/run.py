@@ -25,7 +25,7 @@ from cdmctl.engine.simulate import simulate
 from cdmctl.engine.step import Batch, Draws
 from cdmctl.errors import UserError
 from cdmctl.networks import adamw, build_networks, lora_key
-from cdmctl.prompts import load_prompts
+from cdmctl.prompts import load_prompts, prompt_file_sha256
 from cdmctl.quiet import quiet_libraries
 from cdmctl.runfolder import trim_metrics
 
@@ -203,6 +203,20 @@ def check_resumable(checkpoint: Path, preset: Preset) -> None:
         )
 
 
+def check_prompts_unchanged(checkpoint: Path, preset: Preset) -> None:
+    """The same path is not the same prompts: refuse a resume over a prompt file edited since the checkpoint.
+    Checkpoints from before the hash was recorded (and builtin lists) resume unchecked."""
+    stored = ckpt.read_manifest(checkpoint).get("prompts_sha256")
+    if stored is None:
+        return
+    if prompt_file_sha256(preset.data.prompts) != stored:
+        raise UserError(
+            f"cannot resume {checkpoint.parent.parent}: the prompt file {preset.data.prompts} changed since "
+            f"checkpoint {checkpoint.name} (sha256 {stored[:12]}...)",
+            "restore the file as it was, or start a new run with --out NEW_DIR",
+        )
+
+
 class RunHooks:
     """What the loop asks for: log lines (JSONL + dashboard), sample grids, checkpoints."""
 
@@ -253,6 +267,7 @@ class DistillRun:
         res = preset.model.resolution
         self.latent = backbone.latent_shape(res, res)
         bank = PromptBank(backbone, load_prompts(preset.data.prompts), preset.data.cache_embeddings)
+        self.prompts_sha256 = prompt_file_sha256(preset.data.prompts)  # of the file as this run read it
         self.grid = SampleGrid(backbone, preset, self.latent, acc.device)
         if preset.data.cache_embeddings:
             backbone.release_text_encoders()
@@ -310,22 +325,27 @@ class DistillRun:
             "train": p.model.train,
             "lora": p.model.lora.model_dump() if p.model.train == "lora" else None,
             "preset": p.model_dump(mode="json"),
+            "prompts_sha256": self.prompts_sha256,
         }
 
     def save_checkpoint(self, iteration: int) -> Path:
         """Every process saves its accelerate state into one staging folder; the main one finalizes it."""
+        from cdmctl.outputs import reporting_disk_full
+
         acc = self.accelerator
         staging = ckpt.staging_dir(self.folder, iteration)
-        if acc.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(staging / "state"))
-        tensors = self.student_tensors()
-        final = ckpt.staging_dir(self.folder, iteration).parent / ckpt.checkpoint_name(iteration)
-        if acc.is_main_process:
-            final = ckpt.finalize_checkpoint(staging, iteration, self.manifest(), tensors,
-                                             keep=self.preset.run.keep_checkpoints)
+        discard = (lambda: shutil.rmtree(staging, ignore_errors=True)) if acc.is_main_process else None
+        with reporting_disk_full(staging, cleanup=discard):
+            if acc.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(staging / "state"))
+            tensors = self.student_tensors()
+            final = ckpt.staging_dir(self.folder, iteration).parent / ckpt.checkpoint_name(iteration)
+            if acc.is_main_process:
+                final = ckpt.finalize_checkpoint(staging, iteration, self.manifest(), tensors,
+                                                 keep=self.preset.run.keep_checkpoints)
         acc.wait_for_everyone()
         return final
 
@@ -396,6 +416,7 @@ def prepare_folder(preset: Preset, folder: Path, resume: bool, checkpoint: str =
     start, notes = start_point(folder, resume, checkpoint)
     if start is not None:
         check_resumable(start, preset)
+        check_prompts_unchanged(start, preset)
     folder.mkdir(parents=True, exist_ok=True)
     write_preset(folder, preset.model_dump(mode="json"))
     return start, notes
@@ -409,9 +430,11 @@ def distill(preset: Preset, out: str | None = None, resume: bool = False, live: 
     writes a run folder at a time (a lock). Raises RunInterrupted on Ctrl-C (at once) or SIGTERM (after
     checkpointing the current iteration).
     """
+    from cdmctl.outputs import check_not_file
     from cdmctl.runfolder import RunLock, is_main_launch_process
 
     folder = run_folder(preset, out)
+    check_not_file(folder)  # the lock's mkdir would fail on it with a traceback
     lock = RunLock(folder).acquire() if is_main_launch_process() else None  # one writer per run folder
     try:
         # the folder's refusals come before the libraries load (seconds)
@@ -425,9 +448,11 @@ def distill(preset: Preset, out: str | None = None, resume: bool = False, live: 
 
 def train_until_done_or_stopped(preset: Preset, folder: Path, start_from: Path | None, notes: list[str],
                                 live: bool | None) -> RunResult:  # fmt: skip
+    from cdmctl.outputs import reporting_disk_full
+
     stop, run = StopSignals(), None
     try:
-        with stop.installed():
+        with stop.installed(), reporting_disk_full(folder):  # the log and sample grids fill a disk too
             run = DistillRun(preset, folder)
             if start_from is not None:
                 run.restore(start_from)

@@ -14,8 +14,9 @@ import hashlib
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -57,25 +58,36 @@ def staging_dir(run_dir: Path, iteration: int) -> Path:
     return Path(run_dir) / "checkpoints" / f".tmp-{checkpoint_name(iteration)}"
 
 
+@contextmanager
+def discarded_on_failure(staging: Path) -> Iterator[None]:
+    """A write that fails (a full disk, most often) leaves no half-written staging folder taking the space."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def finalize_checkpoint(
     staging: Path, iteration: int, manifest: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]],
     keep: int | None = None,
 ) -> Path:
     """Write `tensors` (file stem -> state dict) and the manifest into `staging`, then rename it into place."""
     final = staging.parent / checkpoint_name(iteration)
-    files = {}
-    for stem, state in tensors.items():
-        save_tensors(state, staging / f"{stem}.safetensors")
-        files[stem] = f"{stem}.safetensors"
-    manifest = {
-        **manifest,
-        "format": FORMAT,
-        "iteration": iteration,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "files": files,
-        "sha256": hash_tree(staging),
-    }
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    with discarded_on_failure(staging):
+        files = {}
+        for stem, state in tensors.items():
+            save_tensors(state, staging / f"{stem}.safetensors")
+            files[stem] = f"{stem}.safetensors"
+        manifest = {
+            **manifest,
+            "format": FORMAT,
+            "iteration": iteration,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "files": files,
+            "sha256": hash_tree(staging),
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if final.exists():  # a re-run of the same iteration replaces it only once the new one is complete
         shutil.rmtree(final)
     staging.rename(final)
@@ -97,7 +109,8 @@ def write_checkpoint(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     if save_state is not None:
-        save_state(staging / "state")
+        with discarded_on_failure(staging):
+            save_state(staging / "state")
     return finalize_checkpoint(staging, iteration, manifest, tensors, keep)
 
 

@@ -169,14 +169,25 @@ def due(iteration: int, every: int, total: int) -> bool:
     return iteration == total or (every > 0 and iteration % every == 0)
 
 
+def checkpoint_allowed(counters: Counters, final: bool) -> bool:
+    """Not in the middle of a non-finite streak: if the run then diverges, that checkpoint would be the
+    `latest` a resume starts from, at the very point it went wrong (the one before it is the one to keep).
+    The end of the run is the exception: nothing is left to defer to, and the skipped updates left the
+    weights at the last finite one."""
+    return counters.nonfinite_streak == 0 or final
+
+
 def train(distiller: Distiller, schedule: Schedule, hooks: Hooks, batch_size: int) -> Counters:
     """Run iterations until `schedule.total`, or until the hooks ask to stop; the hooks log, sample and checkpoint.
 
     A stop is honoured only between iterations, after a checkpoint of that iteration: the run layer turns
-    e.g. SIGTERM into `stop_requested()`, and the run resumes exactly where it stopped.
+    e.g. SIGTERM into `stop_requested()`, and the run resumes exactly where it stopped. No checkpoint is
+    written while updates keep coming out non-finite (a due one waits for the first finite update); a
+    stop in such a streak leaves the previous checkpoint as the one to resume from.
     """
     window: dict[str, list] = {}
     tick, done_in_window = time.perf_counter(), 0
+    owed = False  # a periodic checkpoint that fell inside a non-finite streak, written once the streak ends
     while distiller.counters.iteration < schedule.total:
         stats = distiller.iteration()
         done_in_window += 1
@@ -194,11 +205,13 @@ def train(distiller: Distiller, schedule: Schedule, hooks: Hooks, batch_size: in
             window, tick, done_in_window = {}, time.perf_counter(), 0
         if due(c.iteration, schedule.sample_every, schedule.total):
             hooks.sample(c.iteration)
-        checkpointed = due(c.iteration, schedule.checkpoint_every, schedule.total)
+        owed = owed or due(c.iteration, schedule.checkpoint_every, schedule.total)
+        checkpointed = owed and checkpoint_allowed(c, c.iteration == schedule.total)
         if checkpointed:
             hooks.checkpoint(c.iteration)
+            owed = False
         if hooks.stop_requested():
-            if not checkpointed:
+            if not checkpointed and checkpoint_allowed(c, final=False):
                 hooks.checkpoint(c.iteration)
             break
     return distiller.counters

@@ -36,6 +36,8 @@ class MetricSpec:
     higher_is_better: bool = True
     options: dict[str, Any] = field(default_factory=dict)  # option name -> default (e.g. model ids)
     required_options: tuple[str, ...] = ()  # options with no usable default (FID's reference)
+    # resolved options -> the hub sources the factory will load ('owner/repo' or 'owner/repo/file')
+    weights: Callable[[dict[str, Any]], list[str]] | None = None
 
     def missing(self) -> list[str]:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
@@ -46,6 +48,17 @@ class MetricSpec:
             raise UserError(
                 f"metric '{self.name}' needs {', '.join(missing)}, which is not installed",
                 f"pip install 'cdmctl[{self.extra}]'",
+            )
+
+    def check_weights(self, options: dict[str, Any]) -> None:
+        """Refuse now, before any image is generated, weights that cannot be loaded (offline and not cached)."""
+        from cdmctl.metrics.availability import unavailable
+
+        missing = unavailable([s for s in self.weights(options) if s]) if self.weights else []
+        if missing:
+            raise UserError(
+                f"metric '{self.name}' needs {', '.join(missing)}, which is not in the local hub cache (HF_HUB_OFFLINE is set)",
+                "download it once online (unset HF_HUB_OFFLINE), or point the metric's option at a local copy",
             )
 
     def resolve_options(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

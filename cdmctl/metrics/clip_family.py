@@ -314,19 +314,20 @@ class Aesthetic:
 register(MetricSpec(
     name="pickscore", description="PickScore: exp(logit_scale) * cos, CLIP-H fine-tuned on Pick-a-Pic",
     extra="eval", requires=("transformers",), factory=PickScore,
-    options={"model": PICKSCORE, "processor": CLIP_H},
+    options={"model": PICKSCORE, "processor": CLIP_H}, weights=lambda o: [o["model"], o["processor"]],
 ))  # fmt: skip
 register(MetricSpec(
     name="clipscore", description="CLIPScore: 100 * max(cos, 0) with CLIP ViT-H-14 (laion2B)",
     extra="eval", requires=("transformers",), factory=ClipScore, options={"model": CLIP_H},
+    weights=lambda o: [o["model"]],
 ))  # fmt: skip
 register(MetricSpec(
     name="hpsv2", description="HPS v2.1: cosine of the HPS-tuned ViT-H-14 (open_clip weights on CLIPModel)",
     extra="eval", requires=("transformers", "accelerate"), factory=HPSv2,
-    options={"checkpoint": HPS_V21, "base": CLIP_H},
+    options={"checkpoint": HPS_V21, "base": CLIP_H}, weights=lambda o: [o["checkpoint"], o["base"]],
 ))  # fmt: skip
 register(MetricSpec(
     name="aesthetic", description="LAION aesthetic predictor (sac+logos+ava1 linear MSE) on CLIP ViT-L/14",
     extra="eval", requires=("transformers",), factory=Aesthetic,
-    options={"model": CLIP_L, "mlp": AESTHETIC_MLP},
+    options={"model": CLIP_L, "mlp": AESTHETIC_MLP}, weights=lambda o: [o["model"], o["mlp"]],
 ))  # fmt: skip

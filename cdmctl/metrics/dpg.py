@@ -325,6 +325,7 @@ SPEC = register(
         extra="dpg",
         requires=("transformers",),
         factory=make_dpg,
+        weights=lambda o: [o["vqa_model"] or DEFAULT_BLIP_VQA] if o["vqa"] == "blip" else [],  # mplug: modelscope's
         options={"vqa": "blip", "vqa_model": None, "csv": PROMPT_SET, "grid": 1, "batch_size": 16},
     )
 )

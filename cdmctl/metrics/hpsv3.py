@@ -421,6 +421,12 @@ def make_hpsv3(
     )
 
 
+def hub_weights(options: dict[str, Any]) -> list[str]:
+    """What make_hpsv3 downloads: the reward file (unless `model` is local) and the Qwen2-VL base."""
+    model = str(options["model"])
+    return [model if os.path.exists(model) else f"{model}/{options['filename']}", str(options["base"])]
+
+
 SPEC = register(
     MetricSpec(
         name="hpsv3",
@@ -428,6 +434,7 @@ SPEC = register(
         extra="hpsv3",
         requires=("transformers", "safetensors", "accelerate", "huggingface_hub"),
         factory=make_hpsv3,
+        weights=hub_weights,
         options={
             "model": DEFAULT_MODEL,
             "filename": DEFAULT_FILENAME,

@@ -367,6 +367,14 @@ def make_imagereward(
     )
 
 
+def hub_weights(options: dict[str, Any]) -> list[str]:
+    """What make_imagereward fetches (as `_fetch` resolves it) and the tokenizer repo."""
+    model = str(options["model"])
+    files = [name if os.path.isfile(name) or os.path.isdir(model) else f"{model}/{name}"
+             for name in (str(options["checkpoint"]), str(options["med_config"]))]  # fmt: skip
+    return [*files, str(options["tokenizer"])]
+
+
 SPEC = register(
     MetricSpec(
         name="imagereward",
@@ -374,6 +382,7 @@ SPEC = register(
         extra="imagereward",
         requires=("transformers", "huggingface_hub"),
         factory=make_imagereward,
+        weights=hub_weights,
         options={
             "model": DEFAULT_MODEL,
             "checkpoint": DEFAULT_CHECKPOINT,
