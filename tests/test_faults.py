@@ -231,7 +231,9 @@ OUT_IS_FILE = {
     "distill": lambda tiny, out: distill_args(tiny, out, 2),
     "export": lambda tiny, out: ["export", str(out.parent / "no-run"), "--out", str(out), "--overwrite"],
     "generate": lambda tiny, out: ["generate", "a cat", "-m", str(tiny), "--out", str(out)],
-    "eval": lambda tiny, out: ["eval", "-m", str(tiny), "--phase", "generate", "--out", str(out)],
+    "eval": lambda tiny, out: ["eval", "-m", str(tiny), "--phase", "generate", "--prompts",
+                               str(write_prompts(Path(str(out).split("taken.txt")[0]) / "p.txt", "a cat")),
+                               "--out", str(out)],  # a local prompt file: the default set is downloaded
 }
 
 
