@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
                 with partial.open("a") as f:
                     f.write(json.dumps(r) + "\n")
                 took = r.get("train_seconds", r.get("seconds"))
-                print(f"[{len(results)}/{len(jobs)}] {r['variant']} seed {r.get('seed', '-')}: {took}s, "
+                print(f"[{len(results) - len(done)}/{len(jobs)}] {r['variant']} seed {r.get('seed', '-')}: {took}s, "
                       f"4-step precision {r['metrics']['4']['precision']:.3f}", flush=True)  # fmt: skip
     report = write_report(args, argv, results, iterations, demo, guidance, time.perf_counter() - started)
     partial.unlink()
