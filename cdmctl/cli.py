@@ -200,14 +200,15 @@ def eval_(
     models = model or ([out] if phase == "score" and out else [])
     if not models:
         raise UserError("no --model given", "pass --model FOLDER (repeat it to compare), or --out FOLDER with --phase score")
-    check_not_file(out or ev.default_out(models))
+    out = out or ev.default_out(models)
+    check_not_file(out)
     options = ev.parse_metric_options(metric_option or [])
     if ev.check_phase(phase) != "generate":
         ev.prepare_metrics(names, options)  # unknown metrics fail before any library loads (run_eval checks again)
     levels, steps, device = parse_sigmas(sigmas), check_steps(steps), check_device(device)
     _quiet_libraries()
     rows = ev.run_eval(
-        models, prompts, names, out or ev.default_out(models), phase=phase,
+        models, prompts, names, out, phase=phase,
         metric_options=options, limit=limit, steps=steps, sigmas=levels, seed=seed, num_per_prompt=num_per_prompt,
         batch_size=batch_size,
         score_batch_size=score_batch_size, height=height, width=width, checkpoint=checkpoint, ema=ema,

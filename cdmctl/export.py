@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cdmctl.engine.checkpoint import find_checkpoint, load_weights, read_manifest, verify_checkpoint
+from cdmctl.engine.checkpoint import find_checkpoint, load_weights, verify_checkpoint
 from cdmctl.errors import UserError
 from cdmctl.outputs import check_not_file, reporting_disk_full
 
@@ -120,17 +120,20 @@ def apply_student(transformer: torch.nn.Module, weights: dict[str, torch.Tensor]
 
 
 def student_pipeline(
-    checkpoint: Path, ema: bool = True, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    checkpoint: Path, ema: bool = True, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    verified: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """A checkpoint -> (the family's diffusers pipeline with the student's transformer, manifest).
 
-    The base model is loaded exactly as training loaded it (same backbone adapter, source and
-    revision); the pipeline's scheduler is made to match the training time shift.
+    Every file of the checkpoint is checked against its hash first, unless the caller already did and passes
+    `verified` (what `verify_checkpoint` returned), so nothing is hashed twice. The base model is loaded
+    exactly as training loaded it (same backbone adapter, source and revision); the pipeline's scheduler is
+    made to match the training time shift.
     """
     from cdmctl.backbones import load_backbone
 
-    manifest = read_manifest(checkpoint)
-    weights = load_weights(checkpoint, weight_choice(manifest, ema))
+    manifest = verified if verified is not None else verify_checkpoint(checkpoint)
+    weights = load_weights(checkpoint, weight_choice(manifest, ema), verify=False)  # verified above
     family, base = manifest["backbone"], manifest["base_model"]
     backbone = load_backbone(family, base, revision=manifest.get("revision"), dtype=dtype)
     apply_student(backbone.transformer, weights, manifest)
@@ -194,9 +197,9 @@ def export_run(
     with reporting_disk_full(out):  # the half-written folder is removed below, before the error is told
         try:
             if lora_only:
-                write_lora(tmp, load_weights(ckpt, which), manifest, torch_dtype)
+                write_lora(tmp, load_weights(ckpt, which, verify=False), manifest, torch_dtype)  # verified above
             else:
-                pipe, _ = student_pipeline(ckpt, ema=ema, dtype=torch_dtype)
+                pipe, _ = student_pipeline(ckpt, ema=ema, dtype=torch_dtype, verified=manifest)
                 pipe.save_pretrained(str(tmp), safe_serialization=True)
             kind = "lora" if lora_only else "pipeline"
             info = export_info(run_dir, ckpt, manifest, which, DTYPE_NAMES[torch_dtype], kind)

@@ -306,11 +306,10 @@ def _from_lora(source: str, info: dict[str, Any], dtype: torch.dtype, model: str
 
 
 def _from_run(run_dir: Path, checkpoint: str | int, ema: bool, dtype: torch.dtype) -> Student:
-    from cdmctl.engine.checkpoint import find_checkpoint, verify_checkpoint
+    from cdmctl.engine.checkpoint import find_checkpoint
     from cdmctl.export import student_pipeline
 
     ckpt = find_checkpoint(run_dir, checkpoint)
-    verify_checkpoint(ckpt)
     pipe, manifest = student_pipeline(ckpt, ema=ema, dtype=dtype)
     preset = manifest.get("preset") or {}
     steps, levels = inference_levels(preset)

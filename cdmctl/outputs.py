@@ -32,11 +32,17 @@ def is_disk_full(exc: BaseException) -> bool:
     return any(marker in str(exc).lower() for marker in DISK_FULL_MARKERS)
 
 
-def mount_point(path: Path) -> Path:
-    """The mount point holding `path` (or the nearest existing folder above it)."""
-    current = Path(os.path.abspath(path))
+def nearest_existing(path: str | Path) -> Path:
+    """`path` itself if it exists, else its nearest existing parent (the root at worst)."""
+    current = Path(path)
     while not current.exists() and current != current.parent:
         current = current.parent
+    return current
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point holding `path` (or the nearest existing folder above it)."""
+    current = nearest_existing(os.path.abspath(path))
     while not os.path.ismount(current) and current != current.parent:
         current = current.parent
     return current
@@ -74,9 +80,7 @@ def check_not_file(path: str | Path | None, option: str = "--out") -> None:
     """A folder is wanted: an existing file there would fail deep inside a library, with a traceback."""
     if path is None:
         return
-    current = Path(path)
-    while not current.exists() and current != current.parent:  # `FILE/sub` fails as surely as `FILE`
-        current = current.parent
+    current = nearest_existing(path)  # `FILE/sub` fails as surely as `FILE`
     if current.is_file():
         what = "is a file" if current == Path(path) else f"is inside the file {current}"
         raise UserError(f"{option} {path} {what}", f"give {option} a folder path (new or existing)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -42,13 +41,9 @@ def load_prompts(source: str) -> list[str]:
 def prompt_file_sha256(source: str) -> str | None:
     """sha256 of a prompt file's bytes, recorded in checkpoints so a resume notices an edited file;
     None for `builtin:NAME` lists, which change only with cdmctl itself."""
-    if source.startswith(BUILTIN_PREFIX):
-        return None
-    digest = hashlib.sha256()
-    with open(_resolve(source), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from cdmctl.engine.checkpoint import sha256_of  # imports torch: only when a run records or checks it
+
+    return None if source.startswith(BUILTIN_PREFIX) else sha256_of(_resolve(source))
 
 
 def _resolve(source: str) -> Path:

@@ -342,7 +342,7 @@ class DistillRun:
             acc.wait_for_everyone()
             acc.save_state(str(staging / "state"))
             tensors = self.student_tensors()
-            final = ckpt.staging_dir(self.folder, iteration).parent / ckpt.checkpoint_name(iteration)
+            final = staging.parent / ckpt.checkpoint_name(iteration)
             if acc.is_main_process:
                 final = ckpt.finalize_checkpoint(staging, iteration, self.manifest(), tensors,
                                                  keep=self.preset.run.keep_checkpoints)
@@ -366,10 +366,11 @@ class DistillRun:
         return tensors
 
     def restore(self, checkpoint: Path) -> None:
-        """Weights, optimizer states, EMA and counters exactly as they were saved."""
+        """Weights, optimizer states, EMA and counters exactly as they were saved. `checkpoint` comes from
+        `prepare_folder`, which already checked every one of its files against the manifest."""
         self.accelerator.load_state(str(checkpoint / "state"))
         if self.ema is not None:
-            stored = ckpt.load_weights(checkpoint, "ema")
+            stored = ckpt.load_weights(checkpoint, "ema", verify=False)  # verified with the rest
             if self.preset.model.train == "lora":
                 stored = {k: stored[lora_key(k)] for k in self.ema.shadow}
             self.ema.load_state_dict(stored)
