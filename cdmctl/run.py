@@ -290,7 +290,11 @@ class DistillRun:
     def build_roles(self, compute: torch.dtype) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
         """Networks, their optimizers (through accelerate), the roles over them and the student EMA."""
         preset, acc = self.preset, self.accelerator
-        torch.manual_seed(preset.train.seed)  # adapter initialisation (LoRA A) is random: make it reproducible
+        from accelerate.utils import set_seed
+
+        # adapter initialisation (LoRA A) is random; Python's and numpy's generators are seeded too, so that the
+        # RNG states a checkpoint stores (and any library drawing from them) are reproducible as well
+        set_seed(preset.train.seed)
         student, teacher, fake = build_networks(self.backbone, preset, compute)
         student_opt, fake_opt = adamw(student, preset.optim.student_lr, preset), adamw(fake, preset.optim.fake_lr, preset)
         student, fake, student_opt, fake_opt = acc.prepare(student, fake, student_opt, fake_opt)

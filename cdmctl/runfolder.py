@@ -70,6 +70,20 @@ def clear_unfinished(folder: Path) -> bool:
     return found
 
 
+def clear_half_written(folder: Path) -> list[str]:
+    """Remove what a process killed mid-write left: checkpoint staging folders and the log's temporary copy.
+
+    Called under the run lock at start-up, so no other writer can be using them; returns notes for the user.
+    """
+    notes = []
+    for staging in sorted((folder / "checkpoints").glob(".tmp-*")):
+        shutil.rmtree(staging, ignore_errors=True)
+        notes.append(f"removed the half-written checkpoint {staging.name} of an interrupted run")
+    for tmp in folder.glob(".metrics.jsonl.tmp-*"):
+        tmp.unlink(missing_ok=True)
+    return notes
+
+
 def trim_metrics(folder: Path, iteration: int) -> None:
     """On resume, drop log lines written after the checkpoint (they will be written again); atomic, so a
     kill in the middle leaves either the old log or the new one, never a truncated one."""
@@ -98,14 +112,16 @@ def start_point(folder: Path, resume: bool, checkpoint: str = "latest") -> tuple
     a folder whose run died before its first checkpoint is started again from the beginning, with or without
     --resume; a fresh start never overwrites a folder that holds checkpoints.
     """
+    cleared = clear_half_written(folder) if is_main_launch_process() else []
     existing = ckpt.list_checkpoints(folder)
     if existing and resume:
-        return ckpt.intact_checkpoint(folder, checkpoint)
+        start, notes = ckpt.intact_checkpoint(folder, checkpoint)
+        return start, cleared + notes
     if existing:
         raise UserError(f"run folder {folder} already holds a run", "pass --resume to continue it, or --out NEW_DIR")
     if str(checkpoint) != "latest":
         raise UserError(f"--checkpoint {checkpoint}: {folder} has no checkpoint", "resume without --checkpoint")
-    notes = []
+    notes = cleared
     if clear_unfinished(folder):
         notes.append(f"{folder} holds a run stopped before its first checkpoint: starting it from the beginning")
     elif resume and folder.exists():
