@@ -47,6 +47,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                             "method.schedule.inner=uniform"]),
     "cdm-coupled": ("CDM, coupled teacher level (sc = se)", ["method.cdm_teacher_level=coupled"]),
     "cdm-ttur5": ("CDM, ttur ratio 5 (the pre-0.2 demo's)", ["method.ttur_ratio=5"]),
+    # cheaper and leaner iterations (the performance issue): one simulation per TTUR cycle; a LoRA fake teacher
+    # over the frozen teacher (it cannot take the student merge, so its control is CDM without the merge)
+    "cdm-per-cycle": ("CDM, one simulation per TTUR cycle", ["method.simulation=per-cycle"]),
+    "cdm-no-merge": ("CDM, no student merge into the fake (merge_decay 1)", ["method.merge_decay=1"]),
+    "cdm-fake-lora": ("CDM, LoRA fake teacher (rank 8 of 64, no merge)",
+                      ["model.fake_teacher=lora", "model.lora.rank=8", "model.lora.alpha=16", "method.merge_decay=1"]),
     # the open anomaly of D-DMD on the fixed schedule: is the normaliser floor (0.1) to blame?
     "ddmd-floor": ("D-DMD, normaliser floor 0.01", ["method.name=ddmd", *FIXED, "method.losses.cdm=0",
                                                      "method.normaliser_floor=0.01"]),

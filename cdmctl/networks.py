@@ -13,18 +13,22 @@ from cdmctl.engine.roles import trainable_parameters
 
 
 def build_networks(backbone: Backbone, preset: Preset, compute_dtype: torch.dtype) -> tuple[nn.Module, ...]:
-    """Student, frozen teacher and fake teacher: full copies, or LoRA adapters over one shared base."""
+    """Student, frozen teacher and fake teacher: full copies, or LoRA adapters over one shared frozen base."""
     base = backbone.transformer
     if preset.model.train == "lora":
         student, teacher, fake = lora_networks(base, backbone, preset, compute_dtype)
     else:
         if any(p.dtype != torch.float32 for p in base.parameters()):
             base.float()  # float32 masters for the trained copies
-        student, teacher, fake = base, copy.deepcopy(base), copy.deepcopy(base)
+        student, teacher = base, copy.deepcopy(base)
         if compute_dtype != torch.float32:
             teacher.to(compute_dtype)  # frozen: no float32 master needed
         student.requires_grad_(True)
-        fake.requires_grad_(True)
+        if preset.model.fake_kind == "lora":  # an adapter over the teacher's own tensors: no second copy
+            teacher.requires_grad_(False)
+            fake = adapted_copy(teacher, backbone, preset)
+        else:
+            fake = copy.deepcopy(base).requires_grad_(True)
     teacher.requires_grad_(False).eval()
     for module in (student, fake):
         if preset.model.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
@@ -35,21 +39,37 @@ def build_networks(backbone: Backbone, preset: Preset, compute_dtype: torch.dtyp
 def lora_networks(base: nn.Module, backbone: Backbone, preset: Preset, compute_dtype: torch.dtype):
     """Three module trees over the same frozen base tensors (no second copy in memory); the student and
     the fake teacher each get their own adapter (B = 0 at init, so both start equal to the teacher)."""
-    from peft import LoraConfig
-
-    lora = preset.model.lora
     base.requires_grad_(False)
     if compute_dtype != torch.float32:
         base.to(compute_dtype)
-    shared = {id(t): t for t in [*base.parameters(), *base.buffers()]}
-    teacher, fake = copy.deepcopy(base, dict(shared)), copy.deepcopy(base, dict(shared))
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=lora.targets or backbone.lora_target_modules())
-    for module in (base, fake):
-        module.add_adapter(config)
-        for p in module.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # adapters keep float32 masters
+    teacher, fake = shared_copy(base), shared_copy(base)
+    for module in (base, fake):  # this order: the adapters' random init is as in earlier versions
+        add_lora(module, backbone, preset)
     return base, teacher, fake
+
+
+def shared_copy(module: nn.Module) -> nn.Module:
+    """A second module tree whose parameters and buffers are the same tensors as `module`'s."""
+    return copy.deepcopy(module, {id(t): t for t in [*module.parameters(), *module.buffers()]})
+
+
+def adapted_copy(frozen: nn.Module, backbone: Backbone, preset: Preset) -> nn.Module:
+    """A LoRA adapter over `frozen`'s tensors (shared, not copied); equal to `frozen` at init (B = 0)."""
+    module = shared_copy(frozen)
+    add_lora(module, backbone, preset)
+    return module
+
+
+def add_lora(module: nn.Module, backbone: Backbone, preset: Preset) -> None:
+    """Add the preset's LoRA adapter (float32 masters) to `module`, whose own weights stay frozen."""
+    from peft import LoraConfig
+
+    lora = preset.model.lora
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=lora.targets or backbone.lora_target_modules())
+    module.add_adapter(config)
+    for p in module.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
 
 
 def lora_key(name: str) -> str:

@@ -99,10 +99,18 @@ def test_loss_keys_follow_the_method(tiny_sd3_dir, prompt_file, tmp_path, monkey
         assert found == losses
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+MODES = {
+    "full": [],
+    "lora": ["model.train=lora", "model.lora.rank=4", "model.lora.alpha=8"],
+    # a full student beside a LoRA fake teacher, with one simulation per TTUR cycle
+    "fake-lora-per-cycle": ["model.fake_teacher=lora", "model.lora.rank=4", "method.merge_decay=1",
+                            "method.simulation=per-cycle"],
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_resume_matches_uninterrupted_run(mode, tiny_sd3_dir, prompt_file, tmp_path, monkeypatch, capsys):
-    lora = ["--set", "model.train=lora", "--set", "model.lora.rank=4", "--set", "model.lora.alpha=8"]
-    common = tiny_overrides(tiny_sd3_dir, prompt_file, iterations=4) + (lora if mode == "lora" else [])
+    common = tiny_overrides(tiny_sd3_dir, prompt_file, iterations=4) + [a for v in MODES[mode] for a in ("--set", v)]
     full, split = tmp_path / "full", tmp_path / "split"
     assert run_cli(monkeypatch, capsys, "distill", "--preset", "sd3-4nfe", "--out", str(full), "--plain", *common)[0] == 0
     half = [*common, "--set", "train.iterations=2"]

@@ -108,3 +108,21 @@ def test_simulation_builds_no_graph_and_checks_indices(setup):
     assert traj.s_t.dtype == torch.float32 and traj.s_t.tolist() == [0.5] * B
     with pytest.raises(ValueError):
         simulate(make_velocity(backbone, cond, []), noise, levels, torch.full((B,), 2))
+
+
+def test_several_points_along_one_trajectory_equal_separate_simulations_at_the_cost_of_the_longest(setup):
+    from cdmctl.engine.simulate import simulate_points
+
+    backbone, cond, noise = setup
+    levels = shifted(backbone, sample_dynamic_schedule(generator(0, "schedule"), (10, 10)))
+    gen = generator(1, "record")
+    idx = torch.stack([sample_record_index(gen, B, levels.numel()) for _ in range(3)])
+    calls = []
+    points = simulate_points(make_velocity(backbone, cond, calls), noise, levels, idx)
+    for k, point in enumerate(points):
+        alone = simulate(make_velocity(backbone, cond, []), noise, levels, idx[k])
+        for field in ("xt", "vt", "x0t", "s_t"):
+            torch.testing.assert_close(getattr(point, field), getattr(alone, field), rtol=0, atol=1e-6)
+    latest = idx.max(0).values
+    assert sum(calls) == points[0].student_samples == int((latest + 1).sum())  # each sample to its latest point
+    assert [p.student_samples for p in points[1:]] == [0, 0]

@@ -215,3 +215,35 @@ def test_cdm_teacher_level_is_drawn_independently_of_the_perturbation_level(pert
 def test_coupled_cdm_teacher_level_is_an_explicit_ablation():
     se, sc = cdm_levels(MethodConfig(cdm_perturbation="gaussian", cdm_teacher_level="coupled"), iterations=3)
     torch.testing.assert_close(se, sc)
+
+
+def weights(d: Distiller) -> list[torch.Tensor]:
+    return [p.detach().clone() for m in (d.roles.student_module, d.roles.fake_module) for p in m.parameters()]
+
+
+def test_one_simulation_per_cycle_with_ttur_1_is_the_per_iteration_method():
+    a = distiller(MethodConfig(ttur_ratio=1))
+    b = distiller(MethodConfig(ttur_ratio=1, simulation="per-cycle"))
+    for _ in range(3):
+        a.iteration(), b.iteration()
+    assert all(torch.equal(p, q) for p, q in zip(weights(a), weights(b)))
+
+
+def test_one_simulation_per_cycle_simulates_once_per_cycle_and_resumes_mid_cycle_exactly():
+    method = MethodConfig(ttur_ratio=3, simulation="per-cycle", merge_decay=1.0)
+    a, b = distiller(method), distiller(method)
+    sims = []
+    for _ in range(4):
+        sims.append(a.iteration()["cost/student_fwd"])
+        b.iteration()
+    # iterations 0 and 3 start a cycle: only they simulate; the student update (iteration 2) adds its 2B forwards
+    per_iteration = distiller(MethodConfig(ttur_ratio=3, merge_decay=1.0))
+    assert sims[1] == 0 and sims[2] == 2 * B and sims[0] > 0 and sims[3] > 0
+    assert sims[0] < sum(per_iteration.iteration()["cost/student_fwd"] for _ in range(3)) - 2 * B
+    # b forgets its cycle (what a resume at iteration 4 holds): it redoes iteration 3's simulation, same points
+    b.load_state(b.state())
+    assert b.cycle is None
+    ra, rb = a.iteration(), b.iteration()
+    assert rb["cost/student_fwd"] == ra["cost/student_fwd"] == 0  # redone, not counted again
+    assert all(torch.equal(p, q) for p, q in zip(weights(a), weights(b)))
+    assert (a.counters.student_step, a.counters.fake_step) == (1, 5)

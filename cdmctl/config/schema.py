@@ -36,7 +36,16 @@ class ModelConfig(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     resolution: int = Field(1024, ge=16, description="Training and sampling resolution in pixels (square).")
     train: Literal["full", "lora"] = Field("full", description="Train the full transformer or LoRA adapters.")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (used when train = lora).")
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig,
+        description="LoRA settings: of the student and fake teacher when train = lora, of the fake teacher when "
+        "fake_teacher = lora.",
+    )
+    fake_teacher: Literal["full", "lora"] | None = Field(
+        None,
+        description="The fake teacher: a full trainable copy, or a LoRA adapter over the frozen teacher (no second "
+        "copy of the weights and no optimizer state for them); null = like the student (train).",
+    )
     precision: Literal["bf16", "fp16", "fp32"] = Field(
         "bf16", description="Mixed precision of the forward passes; master weights stay float32."
     )
@@ -44,6 +53,18 @@ class ModelConfig(Section):
     text_length: int | None = Field(
         None, ge=1, description="Max tokens of the long text encoder (SD3: T5, default 256); null = backbone default."
     )
+
+    @model_validator(mode="after")
+    def _fake_teacher(self) -> "ModelConfig":
+        if self.train == "lora" and self.fake_teacher == "full":
+            raise ValueError("a LoRA student's fake teacher is an adapter over the same frozen base: "
+                             "set model.fake_teacher to lora (or null)")
+        return self
+
+    @property
+    def fake_kind(self) -> str:
+        """What the fake teacher is: 'full' (a trainable copy) or 'lora' (an adapter over the frozen base)."""
+        return self.fake_teacher or self.train
 
     @field_validator("resolution")
     @classmethod
@@ -126,6 +147,11 @@ class MethodConfig(Section):
         "sc = se and, with the gaussian perturbation, the same noise (an ablation; releases before 0.2 did this)."
     )
     ttur_ratio: int = Field(2, ge=1, description="Fake-teacher updates per student update (k).")
+    simulation: Literal["per-iteration", "per-cycle"] = Field(
+        "per-iteration",
+        description="Backward simulations: one per iteration, or one per TTUR cycle recording a separate point per "
+        "sample for each of its ttur_ratio iterations (the student is the same throughout a cycle; cheaper).",
+    )
     merge_decay: float = Field(0.999, ge=0, le=1, description="After each fake step: F <- m F + (1 - m) G.")
     normaliser_floor: float = Field(0.1, gt=0, description="Lower clamp of the per-sample loss normaliser.")
 
@@ -220,3 +246,10 @@ class Preset(Section):
     data: DataConfig
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _merge_needs_shared_parameters(self) -> "Preset":
+        if self.model.train == "full" and self.model.fake_kind == "lora" and self.method.merge_decay < 1:
+            raise ValueError("method.merge_decay < 1 mixes the student into the fake teacher, but a LoRA fake teacher "
+                             "shares no parameters with a fully trained student: set method.merge_decay to 1")
+        return self

@@ -16,6 +16,7 @@ import torch
 from cdmctl.engine.cost import CostCounter
 from cdmctl.engine.ema import StudentEMA
 from cdmctl.engine.roles import Roles, trainable_parameters
+from cdmctl.engine.simulate import Trajectory
 from cdmctl.engine.step import Batch, Draws, fake_loss, run_simulation, student_loss, training_schedule
 
 if TYPE_CHECKING:
@@ -44,6 +45,16 @@ class Hooks(Protocol):
     def stop_requested(self) -> bool: ...  # asked after every iteration: True = checkpoint here and return
 
 
+@dataclass
+class Cycle:
+    """One TTUR cycle's simulation (method.simulation = per-cycle): its first iteration, batch, schedule, points."""
+
+    start: int
+    batch: Batch
+    levels: torch.Tensor
+    points: list[Trajectory]
+
+
 def warmup_lr(base: float, step: int, warmup: int) -> float:
     """Linear warm-up over `warmup` optimizer steps of this optimizer, then constant."""
     return base if warmup <= 0 else base * min(1.0, (step + 1) / warmup)
@@ -70,6 +81,7 @@ class Distiller:
         self.make_batch, self.shift, self.seed = make_batch, shift, seed
         self.counters = Counters()
         self.cost = CostCounter()
+        self.cycle: Cycle | None = None  # per-cycle simulation: the current TTUR cycle's
 
     def draws(self) -> Draws:
         acc = self.accelerator
@@ -79,10 +91,7 @@ class Distiller:
         """One iteration; returns its scalars (losses, levels, norms, cost)."""
         c, draws = self.counters, self.draws()
         self.cost.reset()
-        batch = self.make_batch(draws)
-        levels = training_schedule(self.method, draws, self.shift)
-        self.roles.train_mode(student=False, fake=False)  # simulation: eval mode, no gradients
-        traj = self.simulate(batch, levels, draws)
+        batch, levels, traj = self.simulated(draws)
         stats: dict[str, float | torch.Tensor] = {"level/n": float(len(levels))}
         if (c.iteration + 1) % self.method.ttur_ratio == 0:
             stats.update(self.student_update(batch, traj, draws))
@@ -91,9 +100,34 @@ class Distiller:
         stats.update(self.cost.as_record())
         return stats
 
-    def simulate(self, batch: Batch, levels: torch.Tensor, draws: Draws):
+    def simulated(self, draws: Draws) -> tuple[Batch, torch.Tensor, Trajectory]:
+        """This iteration's prompts and noise, schedule and recorded point.
+
+        per-iteration: a simulation of its own. per-cycle: one simulation per TTUR cycle (the student does not
+        change within a cycle), recording one point per sample for each of the cycle's iterations; an
+        iteration inside a cycle whose simulation is not held (just resumed) redoes it from the cycle's first
+        iteration's draws, which gives the same points, without counting its cost again.
+        """
+        if self.method.simulation == "per-iteration":
+            batch = self.make_batch(draws)
+            levels = training_schedule(self.method, draws, self.shift)
+            self.roles.train_mode(student=False, fake=False)  # simulation: eval mode, no gradients
+            return batch, levels, self.simulate(batch, levels, draws)
+        iteration, k = self.counters.iteration, self.method.ttur_ratio
+        start = iteration - iteration % k
+        if self.cycle is None or self.cycle.start != start:
+            first = draws if start == iteration else Draws(self.seed, start, draws.rank, draws.device)
+            batch = self.make_batch(first)
+            levels = training_schedule(self.method, first, self.shift)
+            self.roles.train_mode(student=False, fake=False)
+            cost = self.cost if start == iteration else CostCounter()  # a redone simulation is not new work
+            points = run_simulation(self.roles, self.method, batch, levels, first, cost, points=k)
+            self.cycle = Cycle(start, batch, levels, points)
+        return self.cycle.batch, self.cycle.levels, self.cycle.points[iteration - start]
+
+    def simulate(self, batch: Batch, levels: torch.Tensor, draws: Draws) -> Trajectory:
         """The iteration's backward simulation (a seam: the speed benchmark swaps in the reference's)."""
-        return run_simulation(self.roles, self.method, batch, levels, draws, self.cost)
+        return run_simulation(self.roles, self.method, batch, levels, draws, self.cost)[0]
 
     def student_loss(self, batch: Batch, traj, draws: Draws):
         """The student's weighted loss and its statistics (the same seam)."""
@@ -152,6 +186,7 @@ class Distiller:
 
     def load_state(self, counters: dict[str, int]) -> None:
         self.counters = Counters(**{k: counters[k] for k in asdict(Counters())})
+        self.cycle = None  # recomputed from the cycle's first iteration
 
 
 @dataclass

@@ -23,7 +23,7 @@ from cdmctl.engine.schedules import (
     sample_levels,
     sample_record_index,
 )
-from cdmctl.engine.simulate import Trajectory, simulate
+from cdmctl.engine.simulate import Trajectory, simulate_points
 
 if TYPE_CHECKING:  # the engine reads preset sections but never imports the layer above at run time
     from cdmctl.config.schema import MethodConfig
@@ -84,19 +84,22 @@ def training_schedule(method: "MethodConfig", draws: Draws, shift: Callable[[tor
 
 
 def run_simulation(
-    roles: Roles, method: "MethodConfig", batch: Batch, levels: torch.Tensor, draws: Draws, cost: CostCounter
-) -> Trajectory:
-    """Backward simulation with the student (eval mode, guidance 1), recording one point per sample."""
-    index = sample_record_index(draws.local("record"), len(batch.cond), len(levels))
+    roles: Roles, method: "MethodConfig", batch: Batch, levels: torch.Tensor, draws: Draws, cost: CostCounter,
+    points: int = 1,
+) -> list[Trajectory]:
+    """Backward simulation with the student (eval mode, guidance 1), recording `points` points per sample
+    along one trajectory (several: one per iteration of a TTUR cycle, see `method.simulation`)."""
+    gen = draws.local("record")
+    index = torch.stack([sample_record_index(gen, len(batch.cond), len(levels)) for _ in range(points)])
     keep_final = method.cdm_target == "full-trajectory" and method.losses.cdm > 0
 
     def velocity(x: torch.Tensor, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        # the simulation evaluates only the samples still before their recorded step
+        # the simulation evaluates only the samples still before their (latest) recorded step
         return roles.student(x, s, batch.cond.index(rows))
 
-    traj = simulate(velocity, batch.noise, levels.to(batch.noise.device), index, keep_final=keep_final)
-    cost.add("student", forward=traj.student_samples)
-    return traj
+    trajs = simulate_points(velocity, batch.noise, levels.to(batch.noise.device), index, keep_final=keep_final)
+    cost.add("student", forward=trajs[0].student_samples)
+    return trajs
 
 
 def fake_loss(
