@@ -24,7 +24,7 @@ from cdmctl.engine.roles import Roles
 from cdmctl.engine.simulate import simulate
 from cdmctl.engine.step import Batch, Draws
 from cdmctl.errors import UserError
-from cdmctl.networks import adamw, build_networks, lora_key
+from cdmctl.networks import adamw, build_networks, forward_context, lora_key
 from cdmctl.prompts import load_prompts, prompt_file_sha256
 from cdmctl.quiet import quiet_libraries
 from cdmctl.runfolder import trim_metrics
@@ -299,7 +299,8 @@ class DistillRun:
         student_opt, fake_opt = adamw(student, preset.optim.student_lr, preset), adamw(fake, preset.optim.fake_lr, preset)
         student, fake, student_opt, fake_opt = acc.prepare(student, fake, student_opt, fake_opt)
         teacher.to(acc.device)
-        self.roles = Roles(self.backbone, student, teacher, fake, autocast=acc.autocast, unwrap=acc.unwrap_model)
+        self.forward_context = forward_context(acc.autocast, preset.model.attention_backend)
+        self.roles = Roles(self.backbone, student, teacher, fake, autocast=self.forward_context, unwrap=acc.unwrap_model)
         ema_device = "cpu" if preset.optim.ema_device == "cpu" else None
         self.ema = (StudentEMA(acc.unwrap_model(student), preset.optim.ema_max_decay, device=ema_device)
                     if preset.optim.ema else None)  # fmt: skip
@@ -314,9 +315,9 @@ class DistillRun:
     def grid_images(self) -> torch.Tensor:
         module = self.accelerator.unwrap_model(self.roles.student_module)
         if self.ema is None:
-            return self.grid.images(module, self.accelerator.autocast)
+            return self.grid.images(module, self.forward_context)
         with self.ema.swapped_into(module):
-            return self.grid.images(module, self.accelerator.autocast)
+            return self.grid.images(module, self.forward_context)
 
     def manifest(self) -> dict[str, Any]:
         p = self.preset
