@@ -132,8 +132,12 @@ def generate(
         bool, typer.Option("--compare-teacher", help="Also sample the base model; write a side-by-side sheet.")
     ] = False,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher model (default: the student's base model).")] = None,
-    teacher_steps: Annotated[int, typer.Option(help="Teacher sampling steps.")] = 28,
-    teacher_guidance: Annotated[float, typer.Option(help="Teacher guidance scale.")] = 7.0,
+    teacher_steps: Annotated[
+        Optional[int], typer.Option(help="Teacher sampling steps (default: its pipeline's own, SD3 28).")
+    ] = None,
+    teacher_guidance: Annotated[
+        Optional[float], typer.Option(help="Teacher guidance scale (default: its pipeline's own, SD3 7).")
+    ] = None,
 ) -> None:
     """Sample a few-step student: PNGs with their settings in the metadata, plus a contact sheet."""
     from cdmctl.generate import check_device, check_steps, expand, parse_sigmas
