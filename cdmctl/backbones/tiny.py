@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", help="where to write it (a new or empty folder)")
     args = parser.parse_args(argv)
     try:
+        _tiny_writer(args.family)  # a bad name is refused before the libraries load (seconds)
         from cdmctl.quiet import quiet_libraries
 
         quiet_libraries()
