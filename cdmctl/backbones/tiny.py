@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m cdmctl.backbones.tiny",
-        description="Write a tiny random-weight diffusers pipeline of a model family (real classes, about 1 MB).",
+        description="Write a tiny random-weight diffusers pipeline of a model family (real classes, 1-2 MB).",
     )
     parser.add_argument("family", help=f"one of: {', '.join(sorted(TINY_WRITERS))}")
     parser.add_argument("folder", help="where to write it (a new or empty folder)")

@@ -84,14 +84,19 @@ def tiny_qwen_text_encoder(tokenizer, hidden: int = 32):
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
+def tiny_longcat_scheduler():
+    """The dynamic shift with the values LongCatImagePipeline falls back to (it reads them from this config)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )  # fmt: skip
+
+
 def _tiny_longcat_pipeline():
     """Assemble the tiny LongCatImagePipeline (no text processor); weights from torch's (seeded) global RNG."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        LongCatImagePipeline,
-        LongCatImageTransformer2DModel,
-    )
+    from diffusers import AutoencoderKL, LongCatImagePipeline, LongCatImageTransformer2DModel
 
     tokenizer = tiny_qwen_tokenizer()
     text_encoder = tiny_qwen_text_encoder(tokenizer)
@@ -108,12 +113,7 @@ def _tiny_longcat_pipeline():
         latent_channels=16, norm_num_groups=4, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
         use_quant_conv=False, use_post_quant_conv=False,
     )  # fmt: skip
-    # The dynamic shift with the values LongCatImagePipeline falls back to (it reads them from this config).
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
-    )  # fmt: skip
-    pipe = LongCatImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    pipe = LongCatImagePipeline(scheduler=tiny_longcat_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                 text_processor=None, transformer=transformer)  # fmt: skip
     return pipe, tokenizer
 
@@ -134,7 +134,7 @@ def write_text_processor(folder: Path, tokenizer) -> None:
 
 
 def write_tiny_longcat(folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random-weight LongCat-Image pipeline folder (under 1 MB) and return its path.
+    """Write a tiny random-weight LongCat-Image pipeline folder (about 1.5 MB) and return its path.
 
     Deterministic given `seed` (the global torch RNG is left as it was). Any image size that is a multiple of
     16 pixels works; the pipeline's own default is 1024 (its hard-coded default_sample_size 128 times 8).
