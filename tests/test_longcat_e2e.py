@@ -162,6 +162,13 @@ def test_export_is_a_self_contained_pipeline_with_the_merged_student(exported: P
     assert info["steps"] == 4 and info["levels"] == [1.0, 0.75, 0.5, 0.25] and info["max_sequence_length"] is None
 
 
+def test_the_export_command_says_how_to_load_without_the_text_processor(trained_run: Path, tmp_path: Path,
+                                                                         monkeypatch, capsys):  # fmt: skip
+    code, out, err = run_cli(monkeypatch, capsys, "export", str(trained_run), "--out", str(tmp_path / "student"))
+    assert code == 0, err
+    assert "DiffusionPipeline.from_pretrained" in out and "text_processor=None" in out
+
+
 def test_lora_only_export_loads_on_the_base_and_samples_like_the_merged_one(trained_run: Path, exported: Path,
                                                                            tiny_longcat_dir: Path, tmp_path: Path):  # fmt: skip
     from diffusers import LongCatImagePipeline

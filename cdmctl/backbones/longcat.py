@@ -24,6 +24,7 @@ from cdmctl.errors import UserError
 
 LATENT_CHANNELS = 16  # the pipeline hard-codes num_channels_latents = 16
 PATCH = 2  # latents are packed in 2x2 patches
+ENCODE_BATCH = 16  # prompts per text-encoder forward
 
 
 class LongCatBackbone:
@@ -117,8 +118,10 @@ class LongCatBackbone:
         if not prompts:
             raise ValueError("encode_prompts needs at least one prompt")
         pipe = self._assemble(self.transformer, self.text_encoder)
-        with torch.no_grad():
-            embeds, text_ids = pipe.encode_prompt(prompt=prompts)
+        with torch.no_grad():  # in chunks: a whole prompt file at once would hold every activation of a 7B model
+            chunks = [pipe.encode_prompt(prompt=prompts[i : i + ENCODE_BATCH])
+                      for i in range(0, len(prompts), ENCODE_BATCH)]  # fmt: skip
+        embeds, text_ids = torch.cat([e for e, _ in chunks]), chunks[0][1]
         ids = text_ids.to(dtype=torch.long, device=embeds.device)
         return Conditioning({"encoder_hidden_states": embeds, "txt_ids": ids.expand(len(prompts), *ids.shape)})
 
