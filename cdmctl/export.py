@@ -296,7 +296,6 @@ def export_info(
 ) -> dict[str, Any]:
     """The contents of cdmctl.json: how to sample this student and where it came from."""
     from cdmctl import __version__
-
     from cdmctl.backbones import adapter_class
 
     preset = manifest.get("preset") or {}
