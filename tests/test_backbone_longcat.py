@@ -110,16 +110,25 @@ def test_tokenizer_knows_the_chat_template_tokens_and_any_ascii(backbone: LongCa
     assert len(ids) > 10 and tok.decode(ids) == "Zebra-42 ~ {quirky} prompt: xylophone & caf\u00e9? #1"  # byte-level
 
 
-def test_the_factory_command_writes_a_loadable_folder_and_refuses_unknown_families(tmp_path: Path):
+def test_the_factory_command_writes_a_loadable_folder(tmp_path: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = [sys.executable, "-m", "cdmctl.backbones.tiny"]
-    done = subprocess.run([*run, "longcat", str(tmp_path / "lc")], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "cdmctl.backbones.tiny", "longcat", str(tmp_path / "lc")],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str(tmp_path / "lc") and "Warning" not in done.stderr
     assert isinstance(load_backbone("longcat", str(tmp_path / "lc")), LongCatBackbone)
-    bad = subprocess.run([*run, "flux9", str(tmp_path / "x")], capture_output=True, text=True, env=env, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: no tiny pipeline for family 'flux9'")
-    assert "longcat" in bad.stderr and "sd3" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_the_factory_command_refuses_unknown_families_and_used_folders(tmp_path: Path, capsys):
+    from cdmctl.backbones.tiny import main
+
+    assert main(["flux9", str(tmp_path / "x")]) == 2 and not (tmp_path / "x").exists()
+    err = capsys.readouterr().err
+    assert err.startswith("error: no tiny pipeline for family 'flux9'") and "longcat, sd3" in err
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("mine")
+    assert main(["sd3", str(tmp_path / "used")]) == 2 and "not an empty folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "used").iterdir()) == ["keep.txt"]
 
 
 def test_builtin_tiny_longcat_resolves_and_loads_as_a_backbone():
