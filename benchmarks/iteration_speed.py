@@ -185,7 +185,7 @@ def _call(roles: Roles, module: torch.nn.Module, call: Call) -> torch.Tensor:
 def full_simulation(roles: Roles, batch: Batch, levels: torch.Tensor, draws: Draws, cost: CostCounter) -> Trajectory:
     """Every sample through all n steps (the reference's loop), recording x_{i_b}, v_{i_b} on the way."""
     noise, n = batch.noise, len(levels)
-    index = sample_record_index(draws.local("record"), len(noise), n)  # the engine's own draw
+    index = draws.rows("record", len(noise), lambda g, m: sample_record_index(g, m, n))  # the engine's own draw
     index = index.to(noise.device)
     grid = levels.double().cpu().tolist() + [0.0]
     x, xt, vt = noise.clone(), torch.empty_like(noise), torch.empty_like(noise)

@@ -127,6 +127,9 @@ class PromptBank:
         self.null = backbone.encode_prompts([""]).to("cpu")
         self.encoded = backbone.encode_prompts(prompts).to("cpu") if cache else None
 
+    def __len__(self) -> int:
+        return len(self.prompts)
+
     def conditioning(self, indices: torch.Tensor) -> Conditioning:
         if self.encoded is not None:
             return self.encoded.index(indices.cpu())
@@ -137,10 +140,9 @@ def batch_maker(bank: PromptBank, per_process: int, latent: tuple[int, ...], dev
     """Per iteration and rank: random prompts and simulation noise from the iteration's own streams."""
 
     def make(draws: Draws) -> Batch:
-        gen = draws.local("prompts")
-        idx = torch.randint(len(bank.prompts), (per_process,), generator=gen, device=gen.device)
+        idx = draws.rows("prompts", per_process, lambda g, n: torch.randint(len(bank), (n,), generator=g, device=g.device))
         cond = bank.conditioning(idx).to(device)
-        noise = torch.randn((per_process, *latent), generator=draws.local("sim-noise"), device=device)
+        noise = draws.rows("sim-noise", per_process, lambda g, n: torch.randn((n, *latent), generator=g, device=device))
         return Batch(cond=cond, null=bank.null.to(device).expand(per_process), noise=noise)
 
     return make

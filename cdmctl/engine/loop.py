@@ -85,7 +85,7 @@ class Distiller:
 
     def draws(self) -> Draws:
         acc = self.accelerator
-        return Draws(self.seed, self.counters.iteration, acc.process_index, acc.device)
+        return Draws(self.seed, self.counters.iteration, acc.process_index, acc.device, acc.num_processes)
 
     def iteration(self) -> dict[str, float | torch.Tensor]:
         """One iteration; returns its scalars (losses, levels, norms, cost)."""
@@ -116,7 +116,7 @@ class Distiller:
         iteration, k = self.counters.iteration, self.method.ttur_ratio
         start = iteration - iteration % k
         if self.cycle is None or self.cycle.start != start:
-            first = draws if start == iteration else Draws(self.seed, start, draws.rank, draws.device)
+            first = draws if start == iteration else Draws(self.seed, start, draws.rank, draws.device, draws.world)
             batch = self.make_batch(first)
             levels = training_schedule(self.method, first, self.shift)
             self.roles.train_mode(student=False, fake=False)
