@@ -25,11 +25,15 @@ from cdmctl.engine.simulate import simulate
 from cdmctl.engine.step import Batch, Draws
 from cdmctl.errors import UserError
 from cdmctl.networks import adamw, build_networks, lora_key
+from cdmctl.parallel import (FSDP2, SINGLE, build_accelerator, effective_strategy, grad_clipper, mixed_precision,
+                             prepare_networks, wrap_blocks)
 from cdmctl.prompts import load_prompts, prompt_file_sha256
 from cdmctl.quiet import quiet_libraries
 from cdmctl.runfolder import trim_metrics
 
-RESUMABLE_CHANGES = {"train.iterations", "run"}  # fields a resumed run may change
+# fields a resumed run may change (the prompt cache's place and layout do not change what is trained)
+RESUMABLE_CHANGES = {"train.iterations", "run", "parallel.teacher", "data.embedding_cache", "data.cache_shard_mb",
+                     "data.encode_batch_size"}
 
 
 @dataclass
@@ -95,28 +99,6 @@ class SilentDashboard:
 
 def run_folder(preset: Preset, out: str | None) -> Path:
     return Path(out or preset.run.output_dir.format(preset=preset.name))
-
-
-def mixed_precision(precision: str) -> str:
-    """bf16/fp16 autocast where the device supports it; float32 elsewhere (e.g. the CPU demo)."""
-    if precision == "fp32" or not torch.cuda.is_available():
-        return "no"
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        return "fp16"
-    return precision
-
-
-def build_accelerator(preset: Preset, folder: Path):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    # several processes without CUDA (torchrun on CPU): accelerate needs cpu=True to form a gloo group
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(
-        cpu=multi_cpu,
-        mixed_precision=mixed_precision(preset.model.precision),
-        project_config=ProjectConfiguration(project_dir=str(folder)),
-    )
 
 
 class PromptBank:
@@ -219,6 +201,21 @@ def check_prompts_unchanged(checkpoint: Path, preset: Preset) -> None:
         )
 
 
+def check_layout(checkpoint: Path, strategy: str) -> None:
+    """A sharded (FSDP2) state resumes only under FSDP2 (on any number of processes: it is re-sharded), a whole one
+    (one process or DDP, on any number) only without it."""
+    stored = (ckpt.read_manifest(checkpoint).get("parallel") or {}).get("strategy", SINGLE)
+    then, now = stored == FSDP2, strategy == FSDP2
+    if then and not now:
+        raise UserError(f"cannot resume {checkpoint.parent.parent}: checkpoint {checkpoint.name} is sharded (FSDP2) and "
+                        f"this launch is {strategy}", "resume with parallel.strategy fsdp2 on 2 or more processes (any "
+                        "number: it is re-sharded); export works from it on one process")  # fmt: skip
+    if now and not then:
+        raise UserError(f"cannot resume {checkpoint.parent.parent}: checkpoint {checkpoint.name} holds whole tensors "
+                        f"({stored}), which FSDP2 does not load", "resume it with parallel.strategy ddp (any number "
+                        "of processes), or start a new FSDP2 run")  # fmt: skip
+
+
 class RunHooks:
     """What the loop asks for: log lines (JSONL + dashboard), sample grids, checkpoints."""
 
@@ -262,10 +259,12 @@ class DistillRun:
         from cdmctl.runlog import RunLog
 
         self.preset, self.folder = preset, folder
-        self.accelerator = acc = build_accelerator(preset, folder)
+        self.strategy = effective_strategy(preset.parallel.strategy)
+        self.accelerator = acc = build_accelerator(preset, folder, self.strategy)
         self.source = resolve_source(preset.model.pretrained)
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
         self.backbone = backbone = self.load_backbone(compute)
+        wrap_blocks(acc, backbone.block_classes())
         res = preset.model.resolution
         self.latent = backbone.latent_shape(res, res)
         bank = PromptBank(backbone, load_prompts(preset.data.prompts), preset.data.cache_embeddings)
@@ -279,6 +278,7 @@ class DistillRun:
             make_batch=batch_maker(bank, self.per_process_batch(), self.latent, acc.device),
             shift=lambda s: backbone.shift(s, res, res).to(s.device),
             seed=preset.train.seed,
+            clip=grad_clipper(acc),
         )
         self.log = RunLog(folder)
 
@@ -299,8 +299,8 @@ class DistillRun:
         set_seed(preset.train.seed)
         student, teacher, fake = build_networks(self.backbone, preset, compute)
         student_opt, fake_opt = adamw(student, preset.optim.student_lr, preset), adamw(fake, preset.optim.fake_lr, preset)
-        student, fake, student_opt, fake_opt = acc.prepare(student, fake, student_opt, fake_opt)
-        teacher.to(acc.device)
+        student, teacher, fake, student_opt, fake_opt = prepare_networks(
+            acc, preset.parallel.teacher, student, teacher, fake, student_opt, fake_opt)
         self.roles = Roles(self.backbone, student, teacher, fake, autocast=acc.autocast, unwrap=acc.unwrap_model)
         ema_device = "cpu" if preset.optim.ema_device == "cpu" else None
         self.ema = (StudentEMA(acc.unwrap_model(student), preset.optim.ema_max_decay, device=ema_device)
@@ -332,6 +332,8 @@ class DistillRun:
             "lora": p.model.lora.model_dump() if p.model.train == "lora" else None,
             "preset": p.model_dump(mode="json"),
             "prompts_sha256": self.prompts_sha256,
+            # how state/ was written: sharded (FSDP2, torch distributed checkpoint) or whole (one process, DDP)
+            "parallel": {"strategy": self.strategy, "processes": self.accelerator.num_processes},
         }
 
     def save_checkpoint(self, iteration: int) -> Path:
@@ -356,30 +358,36 @@ class DistillRun:
         return final
 
     def student_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """What export needs: the full student (or only its adapter, for LoRA) and its EMA, same keys."""
+        """What export needs: the full student (or only its adapter, for LoRA) and its EMA, same keys, whole
+        tensors whatever the sharding. Collective under FSDP2 (every rank gathers); only the main process keeps
+        them (it writes them), the others get empty dicts."""
+        from cdmctl.engine.sharding import gathered
+
         acc = self.accelerator
+        keep = acc.is_main_process
         student = acc.unwrap_model(self.roles.student_module)
         if self.preset.model.train == "lora":
             from peft import get_peft_model_state_dict
 
-            tensors = {"student": get_peft_model_state_dict(student)}
+            tensors = {"student": gathered(get_peft_model_state_dict(student), keep=keep)}
             if self.ema is not None:
-                tensors["ema"] = {lora_key(k): v for k, v in self.ema.state_dict().items()}
+                tensors["ema"] = {lora_key(k): v for k, v in self.ema.state_dict(keep=keep).items()}
             return tensors
-        tensors = {"student": acc.get_state_dict(self.roles.student_module)}  # gathered under FSDP
+        state = acc.get_state_dict(self.roles.student_module)  # gathered onto the main process under FSDP2
+        tensors = {"student": state if keep else {}}
         if self.ema is not None:
-            tensors["ema"] = self.ema.merged_state_dict(student)  # full state dict, loadable strictly
+            tensors["ema"] = self.ema.merged_state_dict(state=state, keep=keep)  # loadable strictly
         return tensors
 
     def restore(self, checkpoint: Path) -> None:
         """Weights, optimizer states, EMA and counters exactly as they were saved. `checkpoint` comes from
         `prepare_folder`, which already checked every one of its files against the manifest."""
-        self.accelerator.load_state(str(checkpoint / "state"))
+        self.accelerator.load_state(str(checkpoint / "state"))  # FSDP2: re-sharded onto this world size
         if self.ema is not None:
-            stored = ckpt.load_weights(checkpoint, "ema", verify=False)  # verified with the rest
-            if self.preset.model.train == "lora":
-                stored = {k: stored[lora_key(k)] for k in self.ema.shadow}
-            self.ema.load_state_dict(stored)
+            # read tensor by tensor (each rank keeps its part), never the whole file at once; verified with the rest
+            rename = {k: lora_key(k) for k in self.ema.shadow} if self.preset.model.train == "lora" else None
+            stored = checkpoint / ckpt.read_manifest(checkpoint)["files"]["ema"]
+            self.ema.load_state_dict(ckpt.LazyWeights(stored, rename))
         manifest = ckpt.read_manifest(checkpoint)
         self.distiller.load_state(manifest)
         self.distiller.cost.load_state_dict(manifest["cost_totals"])
@@ -420,10 +428,12 @@ def prepare_folder(preset: Preset, folder: Path, resume: bool, checkpoint: str =
     from cdmctl.runfolder import start_point
     from cdmctl.runlog import write_preset
 
+    strategy = effective_strategy(preset.parallel.strategy)  # a launch that cannot work stops here, in a second
     start, notes = start_point(folder, resume, checkpoint)
     if start is not None:
         check_resumable(start, preset)
         check_prompts_unchanged(start, preset)
+        check_layout(start, strategy)
     folder.mkdir(parents=True, exist_ok=True)
     write_preset(folder, preset.model_dump(mode="json"))
     return start, notes

@@ -75,10 +75,13 @@ class Distiller:
         make_batch: Callable[[Draws], Batch],
         shift: Callable[[torch.Tensor], torch.Tensor],
         seed: int,
+        clip: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None,
     ):
         self.accelerator, self.roles, self.method, self.optim = accelerator, roles, method, optim
         self.student_opt, self.fake_opt, self.ema = student_opt, fake_opt, ema
         self.make_batch, self.shift, self.seed = make_batch, shift, seed
+        # clip(parameters, max_norm) -> the norm over all ranks; the run layer passes a sharding-aware one
+        self.clip = clip or accelerator.clip_grad_norm_
         self.counters = Counters()
         self.cost = CostCounter()
         self.cycle: Cycle | None = None  # per-cycle simulation: the current TTUR cycle's
@@ -163,7 +166,7 @@ class Distiller:
         norm = None
         if finite:
             acc.backward(loss)
-            norm = acc.clip_grad_norm_(trainable_parameters(module), self.optim.grad_clip)
+            norm = self.clip(trainable_parameters(module), self.optim.grad_clip)
             finite = bool(torch.isfinite(norm))  # the clipped norm is already reduced over ranks
         if finite:
             for group in optimizer.param_groups:
