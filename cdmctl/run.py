@@ -8,7 +8,7 @@ import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from cdmctl.engine.roles import Roles
 from cdmctl.engine.simulate import simulate
 from cdmctl.engine.step import Batch, Draws
 from cdmctl.errors import UserError
+
+if TYPE_CHECKING:
+    from cdmctl.embedcache import EmbeddingCache, Ranks
 from cdmctl.networks import adamw, build_networks, lora_key
 from cdmctl.parallel import (FSDP2, SINGLE, build_accelerator, effective_strategy, grad_clipper, mixed_precision,
                              prepare_networks, wrap_blocks)
@@ -101,24 +104,53 @@ def run_folder(preset: Preset, out: str | None) -> Path:
     return Path(out or preset.run.output_dir.format(preset=preset.name))
 
 
-class PromptBank:
-    """Training prompts and the empty prompt, encoded once (cached) or per batch."""
+class LivePrompts:
+    """Prompts encoded batch by batch as they are drawn (`data.cache_embeddings: false`); the text encoders stay."""
 
-    def __init__(self, backbone: Backbone, prompts: list[str], cache: bool):
-        self.backbone, self.prompts, self.cache = backbone, prompts, cache
+    def __init__(self, backbone: Backbone, prompts: list[str]):
+        self.backbone, self.prompts = backbone, prompts
         self.null = backbone.encode_prompts([""]).to("cpu")
-        self.encoded = backbone.encode_prompts(prompts).to("cpu") if cache else None
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def conditioning(self, indices: torch.Tensor) -> Conditioning:
-        if self.encoded is not None:
-            return self.encoded.index(indices.cpu())
         return self.backbone.encode_prompts([self.prompts[i] for i in indices.tolist()]).to("cpu")
 
 
-def batch_maker(bank: PromptBank, per_process: int, latent: tuple[int, ...], device: torch.device):
+def ranks_of(acc) -> "Ranks":
+    """The embedding cache's view of the processes: barriers and an any-rank flag through accelerate."""
+    from cdmctl.embedcache import Ranks
+
+    def any_true(flag: bool) -> bool:
+        if acc.num_processes == 1:
+            return flag
+        return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item() > 0)
+
+    return Ranks(acc.process_index, acc.num_processes, acc.wait_for_everyone, any_true)
+
+
+def cached_prompts(preset: Preset, source: str, backbone: Backbone, prompts: list[str], compute: torch.dtype, acc):
+    """The run's prompts from the on-disk embedding cache, encoding it first (all ranks, each its share) if this
+    model, text setting and prompt list have none yet. Returns (cache, a line for the user)."""
+    import time
+
+    from cdmctl.embedcache import default_root, model_identity, open_or_build, prompts_digest
+
+    model, data = preset.model, preset.data
+    fields = {"backbone": model.backbone, "model": model_identity(source), "revision": model.revision,
+              "text_length": model.text_length, "dtype": str(compute).removeprefix("torch."),
+              "prompts_sha256": prompts_digest(prompts)}  # fmt: skip
+    start = time.perf_counter()
+    cache, built = open_or_build(default_root(data.embedding_cache), fields, prompts,
+                                 lambda batch: backbone.encode_prompts(batch).to("cpu"), ranks_of(acc),
+                                 shard_mb=data.cache_shard_mb, batch_size=data.encode_batch_size)  # fmt: skip
+    verb = f"encoded {len(prompts)} prompts on {acc.num_processes} process(es) in {time.perf_counter() - start:.1f} s" \
+        if built else f"reused the cache of {len(prompts)} prompts"  # fmt: skip
+    return cache, f"prompt embeddings: {verb} ({cache.folder})"
+
+
+def batch_maker(bank: "EmbeddingCache | LivePrompts", per_process: int, latent: tuple[int, ...], device: torch.device):
     """Per iteration and rank: random prompts and simulation noise from the iteration's own streams."""
 
     def make(draws: Draws) -> Batch:
@@ -267,11 +299,17 @@ class DistillRun:
         wrap_blocks(acc, backbone.block_classes())
         res = preset.model.resolution
         self.latent = backbone.latent_shape(res, res)
-        bank = PromptBank(backbone, load_prompts(preset.data.prompts), preset.data.cache_embeddings)
+        prompts = load_prompts(preset.data.prompts)
         self.prompts_sha256 = prompt_file_sha256(preset.data.prompts)  # of the file as this run read it
+        self.notes: list[str] = []
+        if preset.data.cache_embeddings:
+            bank, note = cached_prompts(preset, self.source, backbone, prompts, compute, acc)
+            self.notes.append(note)
+        else:
+            bank = LivePrompts(backbone, prompts)
         self.grid = SampleGrid(backbone, preset, self.latent, acc.device)
         if preset.data.cache_embeddings:
-            backbone.release_text_encoders()
+            backbone.release_text_encoders()  # every prompt is on disk now
         student_opt, fake_opt = self.build_roles(compute)
         self.distiller = Distiller(
             acc, self.roles, preset.method, preset.optim, student_opt, fake_opt, self.ema,
@@ -489,7 +527,7 @@ def train_with_dashboard(run: DistillRun, preset: Preset, live: bool | None, sto
     main = run.accelerator.is_main_process
     title = f"cdmctl distill {preset.name}"
     with Dashboard(preset.train.iterations, title, live=live) if main else SilentDashboard() as dashboard:
-        for line in notes:
+        for line in [*notes, *run.notes]:
             dashboard.note(line)
         hooks = run.start(dashboard, stop)
         if main and stop.received is None:

@@ -256,13 +256,31 @@ def train(distiller: Distiller, schedule: Schedule, hooks: Hooks, batch_size: in
 
 
 def window_record(window: dict[str, list], distiller: Distiller, its: float, batch_size: int) -> dict:
-    """Means over the logging window, the counters, throughput, cumulative cost and memory."""
+    """Means over the logging window, the counters, throughput, cumulative cost and memory.
+
+    Throughput is of the whole run (the global batch over all processes), memory that of the largest process (a
+    collective: every rank builds the record at the same iterations)."""
     record: dict[str, Any] = {**distiller.state()}
     record.update({k: float(sum(v) / len(v)) for k, v in window.items()})  # the window's one read-back
+    processes = distiller.accelerator.num_processes
+    record["processes"] = processes
     record["throughput/it_s"] = its
     record["throughput/samples_s"] = its * batch_size
+    record["throughput/samples_s_per_process"] = its * batch_size / processes
     record.update(distiller.cost.totals_record())
-    if torch.cuda.is_available():
-        record["memory/gb"] = torch.cuda.max_memory_allocated() / 2**30
-    record["memory/host_peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    record.update(peak_memory(distiller.accelerator))
     return record
+
+
+def peak_memory(accelerator: Any) -> dict[str, float]:
+    """Peak GPU memory (when there is a GPU) and peak host RSS, GiB, of the process with the most."""
+    gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    values = torch.tensor([[gpu, host]], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        values = accelerator.gather(values)  # [processes, 2]
+    gpu, host = values.max(0).values.tolist()
+    out = {"memory/host_peak_gb": host}
+    if torch.cuda.is_available():
+        out["memory/gb"] = gpu
+    return out
