@@ -35,7 +35,8 @@ from cdmctl.quiet import quiet_libraries
 from cdmctl.runfolder import trim_metrics
 
 # fields a resumed run may change (the prompt cache's place and layout do not change what is trained)
-RESUMABLE_CHANGES = {"train.iterations", "run", "parallel.teacher", "data.embedding_cache", "data.cache_shard_mb",
+# (parallel.*: check_layout refuses what the checkpoint's layout cannot be resumed with)
+RESUMABLE_CHANGES = {"train.iterations", "run", "parallel", "data.embedding_cache", "data.cache_shard_mb",
                      "data.encode_batch_size"}
 
 
@@ -215,7 +216,8 @@ def check_resumable(checkpoint: Path, preset: Preset) -> None:
     if changed:
         raise UserError(
             f"cannot resume {checkpoint.parent.parent}: the preset differs in {', '.join(changed)}",
-            "resume with the run's own preset (only train.iterations and run.* may change), or start a new run",
+            "resume with the run's own preset (only train.iterations, run.*, parallel.* and the embedding cache's "
+            "place and layout may change), or start a new run",
         )
 
 
