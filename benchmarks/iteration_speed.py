@@ -126,6 +126,9 @@ class RandomPromptBank:
         self.prompts = [f"prompt {i}" for i in range(prompts)]
         self.encoded, self.null = encode(prompts), encode(1)
 
+    def __len__(self) -> int:
+        return len(self.prompts)
+
     def conditioning(self, indices: torch.Tensor) -> Conditioning:
         return self.encoded.index(indices.cpu())
 
