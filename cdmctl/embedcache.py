@@ -7,9 +7,9 @@ and the prompts' content, so later runs with the same ones reuse it and nothing 
 time from the memory-mapped shards, so host memory does not grow with the number of prompts (200K SD3 prompts
 are ~545 GB; a shard is ~256 MiB).
 
-Building: rank r encodes shards r, r + W, ... into `ROOT/.KEY.partial/` (each shard written under a temporary
-name and renamed, with its hash beside it: a killed build keeps its finished shards), then rank 0 writes the index
-and renames the folder into place. Opening verifies every file's hash, each rank its share of the shards.
+Building: rank r encodes shards r, r + W, ... into `ROOT/.KEY.partial/` (each shard written batch by batch into its
+file under a temporary name and renamed, with its hash beside it: a killed build keeps its finished shards), then
+rank 0 writes the index and renames the folder into place. Opening verifies every file's hash, each rank its share.
 """
 
 from __future__ import annotations
@@ -123,20 +123,53 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: Path, cond: Conditioning) -> str:
-    """Save `cond` to `path` under a temporary name, then rename; the hash goes beside it. Returns the hash."""
-    from safetensors.torch import save
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
-    data = save({k: v.detach().contiguous().cpu() for k, v in cond.tensors.items()})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    digest = hashlib.sha256(data).hexdigest()
-    sidecar(path).write_text(digest)  # written last: a shard with a hash beside it is complete
-    return digest
+
+class ShardWriter:
+    """A safetensors file written while its rows are encoded: the header follows from the row layout (`like`, one
+    row of each tensor) and the row count, and each batch goes straight to its place in the file, so the build holds
+    one text-encoder batch in memory, never a whole shard. Written under a temporary name and renamed when closed,
+    with its sha256 beside it (written last: a shard with a hash beside it is complete)."""
+
+    def __init__(self, path: Path, like: Conditioning, rows: int):
+        self.path, self.rows = path, rows
+        header, self.offsets, self.row_bytes, start = {}, {}, {}, 0
+        for name, t in like.tensors.items():
+            per_row = t[0].numel() * t.element_size()
+            header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": [rows, *t.shape[1:]],
+                            "data_offsets": [start, start + rows * per_row]}  # fmt: skip
+            self.offsets[name], self.row_bytes[name] = start, per_row
+            start += rows * per_row
+        blob = json.dumps(header).encode()
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.file = open(self.tmp, "wb")
+        self.file.write(len(blob).to_bytes(8, "little") + blob)
+        self.data_start = 8 + len(blob)
+        self.file.truncate(self.data_start + start)
+
+    def write(self, first_row: int, cond: Conditioning) -> None:
+        for name, t in cond.tensors.items():
+            self.file.seek(self.data_start + self.offsets[name] + first_row * self.row_bytes[name])
+            self.file.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+
+    def close(self) -> str:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        digest = sha256_file(self.path)
+        sidecar(self.path).write_text(digest)
+        return digest
+
+
+def write_atomic(path: Path, cond: Conditioning) -> str:
+    """A small Conditioning (e.g. the empty prompt's) as one complete shard file; returns its hash."""
+    writer = ShardWriter(path, cond.index(slice(0, 1)), len(cond))
+    writer.write(0, cond)
+    return writer.close()
 
 
 def sidecar(path: Path) -> Path:
@@ -185,8 +218,10 @@ def build_shards(folder: Path, prompts: Sequence[str], encode: Callable[[list[st
         if path.is_file() and sidecar(path).is_file():
             continue  # left by an interrupted build, complete
         block = list(prompts[shard * rows : (shard + 1) * rows])
-        parts = [encode(block[i : i + batch_size]).to("cpu") for i in range(0, len(block), batch_size)]
-        write_atomic(path, Conditioning.cat(parts))
+        writer = ShardWriter(path, null, len(block))
+        for start in range(0, len(block), batch_size):
+            writer.write(start, encode(block[start : start + batch_size]))
+        writer.close()
     return staging
 
 

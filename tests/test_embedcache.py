@@ -136,3 +136,16 @@ def test_host_memory_does_not_grow_with_the_prompt_count_and_a_second_run_reuses
     done, _ = distill(tiny_sd3_dir, tmp_path / "again", tmp_path / "prompts-8000.txt", cache)
     assert "prompt embeddings: reused the cache of 8000 prompts" in done.stdout + done.stderr
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes  # nothing rewritten
+
+
+def test_shards_written_row_by_row_are_ordinary_safetensors_files(tmp_path):
+    from safetensors.torch import load_file
+
+    from cdmctl.embedcache import write_atomic
+
+    cond = Conditioning({"a": torch.randn(3, 2, 5).bfloat16(), "b": torch.arange(6.0).reshape(3, 2),
+                         "mask": torch.tensor([[True, False], [False, True], [True, True]])})  # fmt: skip
+    digest = write_atomic(tmp_path / "x.safetensors", cond)
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in cond.tensors.items())
+    assert sidecar(tmp_path / "x.safetensors").read_text() == digest and not list(tmp_path.glob(".*tmp*"))
