@@ -237,3 +237,15 @@ def test_the_shipped_accelerate_configs_launch_what_they_say(name, expected):
     config = ROOT / "launch" / name
     env = accelerate_env(config)
     assert effective_strategy("auto", {**env, "WORLD_SIZE": "8"}) == expected
+
+
+def test_fsdp2_on_one_process_is_refused_in_one_line_before_the_libraries_load(tmp_path):
+    import sys
+
+    args = ["distill", "--preset", "demo", "--out", str(tmp_path / "r"), "--set", "parallel.strategy=fsdp2"]
+    done = subprocess.run([sys.executable, "-X", "importtime", CDMCTL, *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    assert done.returncode == 2 and lines[0].startswith("error: parallel.strategy fsdp2 needs several processes")
+    assert lines[1].startswith("  fix: ") and len(lines) == 2
+    assert "| diffusers" not in done.stderr and "| transformers" not in done.stderr
