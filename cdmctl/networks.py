@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -33,7 +35,38 @@ def build_networks(backbone: Backbone, preset: Preset, compute_dtype: torch.dtyp
     for module in (student, fake):
         if preset.model.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
             module.enable_gradient_checkpointing()
+    if preset.model.compile:
+        for module in (student, teacher, fake):
+            compile_blocks(module, backbone.block_classes())
     return student, teacher, fake
+
+
+def forward_context(autocast: Callable[[], contextlib.AbstractContextManager],
+                    attention: str | None) -> Callable[[], contextlib.AbstractContextManager]:  # fmt: skip
+    """The context of every network forward: mixed precision, and the preset's SDPA kernel if it names one
+    (through torch's sdpa_kernel, so it holds for any model that calls scaled_dot_product_attention)."""
+    if attention is None:
+        return autocast
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[attention]  # fmt: skip
+
+    @contextlib.contextmanager
+    def context():
+        with autocast(), sdpa_kernel(backend):
+            yield
+
+    return context
+
+
+def compile_blocks(module: nn.Module, block_classes: list[type[nn.Module]]) -> None:
+    """Regional compilation: each block compiled in place (parameter names unchanged, so checkpoints are too);
+    blocks of one class share the compiled code, which starts far faster than compiling the whole model."""
+    blocks = tuple(block_classes)
+    for sub in module.modules():
+        if blocks and isinstance(sub, blocks):
+            sub.compile()
 
 
 def lora_networks(base: nn.Module, backbone: Backbone, preset: Preset, compute_dtype: torch.dtype):
@@ -62,11 +95,14 @@ def adapted_copy(frozen: nn.Module, backbone: Backbone, preset: Preset) -> nn.Mo
 
 def add_lora(module: nn.Module, backbone: Backbone, preset: Preset) -> None:
     """Add the preset's LoRA adapter (float32 masters) to `module`, whose own weights stay frozen."""
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     lora = preset.model.lora
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=lora.targets or backbone.lora_target_modules())
-    module.add_adapter(config)
+    if hasattr(module, "add_adapter"):  # diffusers models: peft's injection plus the bookkeeping export relies on
+        module.add_adapter(config)
+    else:  # a plain torch module (the toy backbone)
+        inject_adapter_in_model(config, module)
     for p in module.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -78,9 +114,22 @@ def lora_key(name: str) -> str:
 
 
 def adamw(module: nn.Module, lr: float, preset: Preset) -> torch.optim.Optimizer:
+    """The preset's AdamW over `module`'s trainable parameters: torch's, or bitsandbytes' 8-bit (paged) one."""
     o = preset.optim
+    settings = dict(lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if o.optimizer != "adamw":
+        return eight_bit_adamw(o.optimizer)(trainable_parameters(module), **settings)
     # fused on CUDA: one kernel, and no full-size temporary of the moments (~7.6 GiB for SD3-Medium)
-    return torch.optim.AdamW(
-        trainable_parameters(module), lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-        fused=torch.cuda.is_available(),
-    )
+    return torch.optim.AdamW(trainable_parameters(module), **settings, fused=torch.cuda.is_available())
+
+
+def eight_bit_adamw(name: str) -> type[torch.optim.Optimizer]:
+    """bitsandbytes' AdamW8bit or PagedAdamW8bit; a UserError saying what to install when it is missing."""
+    from cdmctl.errors import UserError
+
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise UserError(f"optim.optimizer {name} needs bitsandbytes, which is not installed",
+                        "pip install bitsandbytes (CUDA GPUs), or set optim.optimizer to adamw") from exc  # fmt: skip
+    return bnb.optim.PagedAdamW8bit if name == "paged-adamw-8bit" else bnb.optim.AdamW8bit

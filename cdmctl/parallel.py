@@ -42,6 +42,14 @@ def effective_strategy(setting: str, env: Mapping[str, str] | None = None) -> st
     return FSDP2 if setting == FSDP2 or (setting == "auto" and wants_fsdp) else DDP
 
 
+def check_supported(preset: Any, strategy: str) -> None:
+    """What FSDP2 cannot combine with: bitsandbytes' 8-bit optimizers step plain tensors, not sharded ones."""
+    if strategy == FSDP2 and preset.optim.optimizer != "adamw":
+        raise UserError(f"optim.optimizer {preset.optim.optimizer} does not work with FSDP2 (bitsandbytes' 8-bit "
+                        "states are not sharded)", "set optim.optimizer to adamw (FSDP2 shards its states already), "
+                        "or parallel.strategy to ddp")  # fmt: skip
+
+
 def mixed_precision(precision: str) -> str:
     """bf16/fp16 autocast where the device supports it; float32 elsewhere (e.g. the CPU demo)."""
     import torch

@@ -24,15 +24,15 @@ from cdmctl.engine.roles import Roles
 from cdmctl.engine.simulate import simulate
 from cdmctl.engine.step import Batch, Draws
 from cdmctl.errors import UserError
-
-if TYPE_CHECKING:
-    from cdmctl.embedcache import EmbeddingCache, Ranks
-from cdmctl.networks import adamw, build_networks, lora_key
-from cdmctl.parallel import (FSDP2, SINGLE, build_accelerator, effective_strategy, grad_clipper, mixed_precision,
-                             prepare_networks, wrap_blocks)
+from cdmctl.networks import adamw, build_networks, forward_context, lora_key
+from cdmctl.parallel import (FSDP2, SINGLE, build_accelerator, check_supported, effective_strategy, grad_clipper,
+                             mixed_precision, prepare_networks, wrap_blocks)
 from cdmctl.prompts import load_prompts, prompt_file_sha256
 from cdmctl.quiet import quiet_libraries
 from cdmctl.runfolder import trim_metrics
+
+if TYPE_CHECKING:
+    from cdmctl.embedcache import EmbeddingCache, Ranks
 
 # fields a resumed run may change (the prompt cache's place and layout do not change what is trained)
 # (parallel.*: check_layout refuses what the checkpoint's layout cannot be resumed with)
@@ -341,7 +341,8 @@ class DistillRun:
         student_opt, fake_opt = adamw(student, preset.optim.student_lr, preset), adamw(fake, preset.optim.fake_lr, preset)
         student, teacher, fake, student_opt, fake_opt = prepare_networks(
             acc, preset.parallel.teacher, student, teacher, fake, student_opt, fake_opt)
-        self.roles = Roles(self.backbone, student, teacher, fake, autocast=acc.autocast, unwrap=acc.unwrap_model)
+        self.forward_context = forward_context(acc.autocast, preset.model.attention_backend)
+        self.roles = Roles(self.backbone, student, teacher, fake, autocast=self.forward_context, unwrap=acc.unwrap_model)
         ema_device = "cpu" if preset.optim.ema_device == "cpu" else None
         self.ema = (StudentEMA(acc.unwrap_model(student), preset.optim.ema_max_decay, device=ema_device)
                     if preset.optim.ema else None)  # fmt: skip
@@ -356,9 +357,9 @@ class DistillRun:
     def grid_images(self) -> torch.Tensor:
         module = self.accelerator.unwrap_model(self.roles.student_module)
         if self.ema is None:
-            return self.grid.images(module, self.accelerator.autocast)
+            return self.grid.images(module, self.forward_context)
         with self.ema.swapped_into(module):
-            return self.grid.images(module, self.accelerator.autocast)
+            return self.grid.images(module, self.forward_context)
 
     def manifest(self) -> dict[str, Any]:
         p = self.preset
@@ -469,6 +470,7 @@ def prepare_folder(preset: Preset, folder: Path, resume: bool, checkpoint: str =
     from cdmctl.runlog import write_preset
 
     strategy = effective_strategy(preset.parallel.strategy)  # a launch that cannot work stops here, in a second
+    check_supported(preset, strategy)
     start, notes = start_point(folder, resume, checkpoint)
     if start is not None:
         check_resumable(start, preset)

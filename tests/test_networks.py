@@ -59,3 +59,61 @@ def test_a_full_fake_teacher_is_a_third_copy(tiny_sd3_dir):
 def test_inconsistent_fake_teacher_settings_are_refused(tiny_sd3_dir, sets, message):
     with pytest.raises(UserError, match=message):
         preset_with(tiny_sd3_dir, *sets)
+
+
+@pytest.mark.parametrize("name, flags", [("math", (False, False, True)), ("efficient", (False, True, False)),
+                                         ("flash", (True, False, False))])  # fmt: skip
+def test_attention_backend_holds_for_every_attention_call_of_a_forward(tiny_sd3_dir, monkeypatch, name, flags):
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from cdmctl.networks import forward_context
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        b = torch.backends.cuda
+        seen.append((b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled()))
+        with sdpa_kernel(SDPBackend.MATH):  # computed with the math kernel: this CPU may lack the chosen one
+            return sdpa(*args, **kwargs)
+
+    backbone = SD3Backbone.from_pretrained(str(tiny_sd3_dir))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    with forward_context(contextlib.nullcontext, name)():
+        velocity(backbone, backbone.transformer)
+    assert seen and all(s == flags for s in seen)
+    assert torch.backends.cuda.math_sdp_enabled()  # restored after the context
+    assert forward_context(contextlib.nullcontext, None) is contextlib.nullcontext
+
+
+def test_regional_compile_compiles_each_transformer_block_in_place(tiny_sd3_dir, monkeypatch):
+    from diffusers.models.attention import JointTransformerBlock
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    backbone = SD3Backbone.from_pretrained(str(tiny_sd3_dir))
+    networks = build_networks(backbone, preset_with(tiny_sd3_dir, "model.compile=true"), torch.float32)
+    blocks = [m for net in networks for m in net.modules() if isinstance(m, JointTransformerBlock)]
+    assert blocks and {id(m) for m in compiled} == {id(m) for m in blocks}
+    assert "transformer_blocks.0.attn.to_q.weight" in networks[0].state_dict()  # names unchanged for checkpoints
+
+
+def test_eight_bit_adamw_comes_from_bitsandbytes_or_says_what_to_install(tiny_sd3_dir, monkeypatch):
+    import sys
+    import types
+
+    from cdmctl.networks import adamw
+
+    module = torch.nn.Linear(2, 2)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(UserError, match="needs bitsandbytes"):
+        adamw(module, 1e-4, preset_with(tiny_sd3_dir, "optim.optimizer=adamw-8bit"))
+    made = {}
+    fake_bnb = types.SimpleNamespace(optim=types.SimpleNamespace(
+        AdamW8bit=lambda params, **kw: made.setdefault("AdamW8bit", kw),
+        PagedAdamW8bit=lambda params, **kw: made.setdefault("PagedAdamW8bit", kw)))  # fmt: skip
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake_bnb)
+    adamw(module, 1e-4, preset_with(tiny_sd3_dir, "optim.optimizer=paged-adamw-8bit"))
+    assert made == {"PagedAdamW8bit": {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-4}}

@@ -249,3 +249,13 @@ def test_fsdp2_on_one_process_is_refused_in_one_line_before_the_libraries_load(t
     assert done.returncode == 2 and lines[0].startswith("error: parallel.strategy fsdp2 needs several processes")
     assert lines[1].startswith("  fix: ") and len(lines) == 2
     assert "| diffusers" not in done.stderr and "| transformers" not in done.stderr
+
+
+def test_fsdp2_refuses_the_8bit_optimizers():
+    from cdmctl.config.load import load_preset
+    from cdmctl.parallel import check_supported
+
+    preset = load_preset("sd3-4nfe", ["optim.optimizer=adamw-8bit"])
+    check_supported(preset, DDP)
+    with pytest.raises(UserError, match="does not work with FSDP2"):
+        check_supported(preset, FSDP2)

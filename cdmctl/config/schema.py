@@ -29,7 +29,9 @@ class LoraConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["sd3"] = Field("sd3", description="Backbone adapter (model family).")
+    backbone: Literal["sd3", "longcat"] = Field(
+        "sd3", description="Backbone adapter (model family): sd3 (SD3, SD3.5) or longcat (LongCat-Image)."
+    )
     pretrained: str = Field(
         ..., description="Teacher: a hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers) or a local folder."
     )
@@ -50,8 +52,19 @@ class ModelConfig(Section):
         "bf16", description="Mixed precision of the forward passes; master weights stay float32."
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(
+        False,
+        description="Regional torch.compile: every transformer block (the backbone's block classes) is compiled in "
+        "place and the compiled code reused by all blocks of its shape (GPU; on a CPU it mostly adds start-up time).",
+    )
+    attention_backend: Literal["flash", "efficient", "cudnn", "math"] | None = Field(
+        None,
+        description="PyTorch scaled-dot-product-attention kernel for every forward (torch.nn.attention.sdpa_kernel): "
+        "flash, efficient (memory-efficient), cudnn or math; null = PyTorch's own choice per call.",
+    )
     text_length: int | None = Field(
-        None, ge=1, description="Max tokens of the long text encoder (SD3: T5, default 256); null = backbone default."
+        None, ge=1, description="Max tokens of the long text encoder (SD3: T5, default 256); null = backbone default "
+        "(LongCat: always 512, must stay null)."
     )
 
     @model_validator(mode="after")
@@ -183,6 +196,12 @@ class OptimConfig(Section):
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay (the paper's text says 1e-3).")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up, counted in each optimizer's own steps.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip for both networks.")
+    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit"] = Field(
+        "adamw",
+        description="adamw: torch's (fused on CUDA). adamw-8bit / paged-adamw-8bit: bitsandbytes' AdamW with 8-bit "
+        "states (a quarter of the memory of AdamW's moments; paged: moved to host memory under GPU memory pressure); "
+        "needs `pip install bitsandbytes` and a CUDA GPU.",
+    )
     ema: bool = Field(True, description="Keep an EMA of the student (decay min((1+k)/(10+k), ema_max_decay)).")
     ema_max_decay: float = Field(0.999, ge=0, le=1, description="Upper bound of the student EMA decay.")
     ema_device: Literal["accelerator", "cpu"] = Field(
