@@ -1,7 +1,8 @@
 """Several processes on CPU (torchrun, gloo), through the installed `cdmctl`: DDP and accelerate's FSDP2 (full and
 LoRA, gradient checkpointing on) complete, log once, write hashed checkpoints, resume to every tensor of an
 uninterrupted run, and end within a stated tolerance of a one-process run with the same global batch. FSDP2 also
-resumes on another world size (re-sharded) and exports on one process.
+resumes on another world size (re-sharded) and exports on one process; LongCat-Image LoRA under FSDP2 matches one
+process too.
 
 Why a difference to one process remains: every sample, level and noise is drawn identically (per-sample draws are
 made for the global batch and each rank takes its rows), so what differs is float32 rounding only: each rank runs
@@ -42,13 +43,13 @@ MODES = {
 }
 
 
-def settings(model: Path, iterations: int, extra: list[str]) -> list[str]:
+def settings(model: Path, iterations: int, extra: list[str], drop: tuple[str, ...] = ()) -> list[str]:
     values = {"model.pretrained": model, "model.resolution": 32, "model.precision": "fp32",
               "model.gradient_checkpointing": "false", "model.text_length": 8, "method.schedule.length": "[1, 4]",
               "train.iterations": iterations, "train.batch_size": 6, "optim.student_lr": 1e-3,
               "optim.fake_lr": 1e-3, "optim.warmup_steps": 1, "run.log_every": 1, "run.sample_every": 0,
               "run.checkpoint_every": 2, "data.prompts": "builtin:toy", "data.sample_prompts": "[a red cat]"}  # fmt: skip
-    pairs = [f"{k}={v}" for k, v in values.items()] + extra
+    pairs = [f"{k}={v}" for k, v in values.items() if k not in drop] + extra
     return [a for pair in pairs for a in ("--set", pair)]
 
 
@@ -259,3 +260,22 @@ def test_fsdp2_refuses_the_8bit_optimizers():
     check_supported(preset, DDP)
     with pytest.raises(UserError, match="does not work with FSDP2"):
         check_supported(preset, FSDP2)
+
+
+def test_longcat_lora_under_fsdp2_matches_one_process(tiny_longcat_dir, tmp_path):
+    """The second family: two block classes to shard, packed latents, int64 text position ids in the cache."""
+    extra = ["model.train=lora", "model.lora.rank=4", "model.lora.alpha=8", "model.gradient_checkpointing=true",
+             "method.guidance=4.5"]  # fmt: skip
+
+    def longcat(out: Path, processes: int, more: list[str]) -> None:
+        args = ["distill", "--preset", "longcat-4nfe", "--out", str(out), "--plain",
+                *settings(tiny_longcat_dir, ITERATIONS, extra + more, drop=("model.text_length",))]  # fmt: skip
+        launch = [str(Path(CDMCTL).parent / "torchrun"), "--nproc_per_node", str(processes), "-m", "cdmctl.cli"]
+        ok(subprocess.run([*(launch if processes > 1 else [CDMCTL]), *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}))  # fmt: skip
+
+    longcat(tmp_path / "one", 1, [])
+    longcat(tmp_path / "two", 2, ["parallel.strategy=fsdp2"])
+    a, b = final(tmp_path / "two"), final(tmp_path / "one")
+    assert ckpt.read_manifest(a)["parallel"] == {"strategy": FSDP2, "processes": 2}
+    assert max_difference(a, b, "student") <= RTOL * moved(b, tiny_longcat_dir)
