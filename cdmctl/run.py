@@ -155,7 +155,8 @@ def batch_maker(bank: "EmbeddingCache | LivePrompts", per_process: int, latent: 
     """Per iteration and rank: random prompts and simulation noise from the iteration's own streams."""
 
     def make(draws: Draws) -> Batch:
-        idx = draws.rows("prompts", per_process, lambda g, n: torch.randint(len(bank), (n,), generator=g, device=g.device))
+        idx = draws.rows("prompts", per_process,
+                         lambda g, n: torch.randint(len(bank), (n,), generator=g, device=g.device))  # fmt: skip
         cond = bank.conditioning(idx).to(device)
         noise = draws.rows("sim-noise", per_process, lambda g, n: torch.randn((n, *latent), generator=g, device=device))
         return Batch(cond=cond, null=bank.null.to(device).expand(per_process), noise=noise)
@@ -241,8 +242,8 @@ def check_layout(checkpoint: Path, strategy: str) -> None:
     stored = (ckpt.read_manifest(checkpoint).get("parallel") or {}).get("strategy", SINGLE)
     then, now = stored == FSDP2, strategy == FSDP2
     if then and not now:
-        raise UserError(f"cannot resume {checkpoint.parent.parent}: checkpoint {checkpoint.name} is sharded (FSDP2) and "
-                        f"this launch is {strategy}", "resume with parallel.strategy fsdp2 on 2 or more processes (any "
+        raise UserError(f"cannot resume {checkpoint.parent.parent}: checkpoint {checkpoint.name} is sharded (FSDP2) "
+                        f"and this launch is {strategy}", "resume with parallel.strategy fsdp2 on 2 or more processes (any "
                         "number: it is re-sharded); export works from it on one process")  # fmt: skip
     if now and not then:
         raise UserError(f"cannot resume {checkpoint.parent.parent}: checkpoint {checkpoint.name} holds whole tensors "

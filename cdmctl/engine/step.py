@@ -77,7 +77,8 @@ class Draws:
         self.claim(purpose)
         return generator(self.seed, self.iteration, purpose, 0, device=self.device)
 
-    def global_rows(self, purpose: str, batch: int, draw: Callable[[torch.Generator, int], torch.Tensor]) -> torch.Tensor:
+    def global_rows(self, purpose: str, batch: int,
+                    draw: Callable[[torch.Generator, int], torch.Tensor]) -> torch.Tensor:  # fmt: skip
         """`draw(gen, batch * world)`: the whole global batch's values [world * batch, ...] (every rank alike)."""
         return draw(self.whole(purpose), batch * self.world)
 
@@ -121,7 +122,10 @@ def run_simulation(
     along one trajectory (several: one per iteration of a TTUR cycle, see `method.simulation`)."""
     n, b = len(levels), len(batch.cond)
     # [world * B, points]: the global batch's recorded steps, one column per point
-    every = draws.global_rows("record", b, lambda g, m: torch.stack([sample_record_index(g, m, n) for _ in range(points)], 1))
+    def record(gen: torch.Generator, m: int) -> torch.Tensor:
+        return torch.stack([sample_record_index(gen, m, n) for _ in range(points)], 1)
+
+    every = draws.global_rows("record", b, record)
     index = draws.mine(every, b).T.contiguous()
     keep_final = method.cdm_target == "full-trajectory" and method.losses.cdm > 0
     # every rank runs the student as often as the rank with the latest recorded step (FSDP gathers the
