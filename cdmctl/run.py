@@ -521,8 +521,18 @@ def train_until_done_or_stopped(preset: Preset, folder: Path, start_from: Path |
         raise interrupted("SIGINT", run, folder) from None
     if run.distiller.counters.iteration < preset.train.iterations:  # stopped early: only a signal does that
         raise interrupted(stop.received or "signal", run, folder)
+    main = run.accelerator.is_main_process
+    end_processes(run.accelerator)
     return RunResult(folder, hooks.last_checkpoint, folder / "metrics.jsonl", hooks.last_grid,
-                     run.distiller.counters.iteration, run.accelerator.is_main_process)
+                     run.distiller.counters.iteration, main)
+
+
+def end_processes(acc) -> None:
+    """All ranks finished: tear the process group down before the interpreter does (gloo's threads, left to
+    exit-time destructors, abort a rank now and then with 'terminate called without an active exception')."""
+    if acc.num_processes > 1:
+        acc.wait_for_everyone()
+        acc.end_training()
 
 
 def train_with_dashboard(run: DistillRun, preset: Preset, live: bool | None, stop: StopSignals,
