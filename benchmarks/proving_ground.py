@@ -54,6 +54,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # cheaper and leaner iterations (the performance issue): one simulation per TTUR cycle; a LoRA fake teacher
     # over the frozen teacher (it cannot take the student merge, so its control is CDM without the merge)
     "cdm-per-cycle": ("CDM, one simulation per TTUR cycle", ["method.simulation=per-cycle"]),
+    # one fake step per student step: per student update the cheapest CDM that keeps the [1, 28] schedule; run it
+    # with --iterations 400 for the shipped demo's 400 student updates
+    "cdm-ttur1": ("CDM, ttur ratio 1", ["method.ttur_ratio=1"]),
     "cdm-no-merge": ("CDM, no student merge into the fake (merge_decay 1)", ["method.merge_decay=1"]),
     "cdm-fake-lora": ("CDM, LoRA fake teacher (rank 8 of 64, no merge)",
                       ["model.fake_teacher=lora", "model.lora.rank=8", "model.lora.alpha=16", "method.merge_decay=1"]),

@@ -17,14 +17,15 @@ from cdmctl.engine.roles import trainable_parameters
 def build_networks(backbone: Backbone, preset: Preset, compute_dtype: torch.dtype) -> tuple[nn.Module, ...]:
     """Student, frozen teacher and fake teacher: full copies, or LoRA adapters over one shared frozen base."""
     base = backbone.transformer
+    frozen_dtype = compute_dtype if preset.model.frozen_precision == "compute" else torch.float32
     if preset.model.train == "lora":
-        student, teacher, fake = lora_networks(base, backbone, preset, compute_dtype)
+        student, teacher, fake = lora_networks(base, backbone, preset, frozen_dtype)
     else:
         if any(p.dtype != torch.float32 for p in base.parameters()):
             base.float()  # float32 masters for the trained copies
         student, teacher = base, copy.deepcopy(base)
-        if compute_dtype != torch.float32:
-            teacher.to(compute_dtype)  # frozen: no float32 master needed
+        if frozen_dtype != torch.float32:
+            teacher.to(frozen_dtype)  # frozen: no float32 master needed
         student.requires_grad_(True)
         if preset.model.fake_kind == "lora":  # an adapter over the teacher's own tensors: no second copy
             teacher.requires_grad_(False)
@@ -32,13 +33,33 @@ def build_networks(backbone: Backbone, preset: Preset, compute_dtype: torch.dtyp
         else:
             fake = copy.deepcopy(base).requires_grad_(True)
     teacher.requires_grad_(False).eval()
-    for module in (student, fake):
-        if preset.model.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
-            module.enable_gradient_checkpointing()
+    if preset.model.gradient_checkpointing:
+        for module in (student, fake):
+            recompute_blocks(module, backbone.block_classes(), preset.model.checkpoint_every)
     if preset.model.compile:
         for module in (student, teacher, fake):
             compile_blocks(module, backbone.block_classes())
     return student, teacher, fake
+
+
+def recompute_blocks(module: nn.Module, block_classes: list[type[nn.Module]], every: int) -> None:
+    """diffusers' activation checkpointing, of every `every`-th transformer block (1: all of them). The choice is
+    an attribute of each block, so that copies of the module (the EMA, a shared copy) keep it."""
+    if not hasattr(module, "enable_gradient_checkpointing"):
+        return
+    blocks = [m for m in module.modules() if block_classes and isinstance(m, tuple(block_classes))]
+    for i, block in enumerate(blocks):
+        block.cdmctl_recompute = i % every == 0
+    module.enable_gradient_checkpointing(checkpoint_marked_blocks)
+
+
+def checkpoint_marked_blocks(block: nn.Module, *args, **kwargs):
+    """The function diffusers calls for each block when checkpointing is on: recompute it or just run it."""
+    from torch.utils.checkpoint import checkpoint
+
+    if getattr(block, "cdmctl_recompute", True):
+        return checkpoint(block.__call__, *args, use_reentrant=False, **kwargs)
+    return block(*args, **kwargs)
 
 
 def forward_context(autocast: Callable[[], contextlib.AbstractContextManager],
@@ -69,12 +90,10 @@ def compile_blocks(module: nn.Module, block_classes: list[type[nn.Module]]) -> N
             sub.compile()
 
 
-def lora_networks(base: nn.Module, backbone: Backbone, preset: Preset, compute_dtype: torch.dtype):
+def lora_networks(base: nn.Module, backbone: Backbone, preset: Preset, frozen_dtype: torch.dtype):
     """Three module trees over the same frozen base tensors (no second copy in memory); the student and
     the fake teacher each get their own adapter (B = 0 at init, so both start equal to the teacher)."""
-    base.requires_grad_(False)
-    if compute_dtype != torch.float32:
-        base.to(compute_dtype)
+    base.requires_grad_(False).to(frozen_dtype)
     teacher, fake = shared_copy(base), shared_copy(base)
     for module in (base, fake):  # this order: the adapters' random init is as in earlier versions
         add_lora(module, backbone, preset)

@@ -206,10 +206,21 @@ def preset_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
     return diffs
 
 
+def with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored preset with the fields added since it was written at their defaults (which keep the old behaviour),
+    so that an upgrade does not refuse a resume; as stored if this version no longer reads it."""
+    from pydantic import ValidationError
+
+    try:
+        return Preset.model_validate(stored).model_dump(mode="json")
+    except ValidationError:
+        return stored
+
+
 def check_resumable(checkpoint: Path, preset: Preset) -> None:
     from cdmctl.runfolder import stored_preset
 
-    stored = stored_preset(checkpoint)  # what the weights were trained with, not the editable preset.yaml
+    stored = with_defaults(stored_preset(checkpoint))  # what the weights were trained with, not preset.yaml
     current = preset.model_dump(mode="json")
     changed = [
         d for d in preset_differences(stored, current) if not any(d.startswith(p) for p in RESUMABLE_CHANGES)

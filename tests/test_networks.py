@@ -117,3 +117,53 @@ def test_eight_bit_adamw_comes_from_bitsandbytes_or_says_what_to_install(tiny_sd
     monkeypatch.setitem(sys.modules, "bitsandbytes", fake_bnb)
     adamw(module, 1e-4, preset_with(tiny_sd3_dir, "optim.optimizer=paged-adamw-8bit"))
     assert made == {"PagedAdamW8bit": {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-4}}
+
+
+def block_runs(module) -> list[int]:
+    """Per transformer block, how often its forward ran (a recomputed block runs twice per forward/backward)."""
+    from diffusers.models.attention import JointTransformerBlock
+
+    blocks = [m for m in module.modules() if isinstance(m, JointTransformerBlock)]
+    counts = [0] * len(blocks)
+    for i, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+def student_gradient(backbone, student) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *backbone.latent_shape(32, 32), generator=g)
+    v = backbone.velocity(student, x, torch.tensor([0.9, 0.4]), backbone.encode_prompts(["a cat", "a dog"]))
+    v.square().mean().backward()
+    return {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("every, recomputed", [(1, [True, True]), (2, [True, False])])
+def test_checkpoint_every_recomputes_every_nth_block_and_keeps_the_gradient(tiny_sd3_dir, every, recomputed):
+    plain_backbone = SD3Backbone.from_pretrained(str(tiny_sd3_dir))
+    plain = build_networks(plain_backbone, preset_with(tiny_sd3_dir), torch.float32)[0]
+    backbone = SD3Backbone.from_pretrained(str(tiny_sd3_dir))
+    preset = preset_with(tiny_sd3_dir, "model.gradient_checkpointing=true", f"model.checkpoint_every={every}")
+    student = build_networks(backbone, preset, torch.float32)[0]
+    counts = block_runs(student)
+    assert len(counts) == len(recomputed)  # the tiny SD3 has two blocks
+    got = student_gradient(backbone, student)
+    assert counts == [2 if r else 1 for r in recomputed]  # forward, plus the recompute in backward where marked
+    want = student_gradient(plain_backbone, plain)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
+
+
+@pytest.mark.parametrize("train", ["full", "lora"])
+def test_frozen_precision_sets_the_dtype_of_the_frozen_weights_only(tiny_sd3_dir, train):
+    def dtypes(frozen):
+        backbone = SD3Backbone.from_pretrained(str(tiny_sd3_dir), dtype=torch.bfloat16)
+        preset = preset_with(tiny_sd3_dir, f"model.train={train}", f"model.frozen_precision={frozen}")
+        student, teacher, fake = build_networks(backbone, preset, torch.bfloat16)
+        frozen_params = [p for m in (student, teacher, fake) for p in m.parameters() if not p.requires_grad]
+        trained = [p for m in (student, fake) for p in m.parameters() if p.requires_grad]
+        return {p.dtype for p in frozen_params}, {p.dtype for p in trained}
+
+    assert dtypes("compute") == ({torch.bfloat16}, {torch.float32})
+    assert dtypes("fp32") == ({torch.float32}, {torch.float32})

@@ -160,3 +160,16 @@ def test_trimming_the_log_is_atomic(tmp_path, monkeypatch):
 
 def test_damage_is_a_user_error_with_a_fix():
     assert issubclass(ckpt.DamagedCheckpoint, UserError)
+
+
+def test_a_checkpoint_from_before_a_new_preset_field_resumes(finished_run, tmp_path, tiny_sd3_dir):
+    """A field added later (at a default that keeps the old behaviour) is no reason to refuse a resume."""
+    run = copy_run(finished_run, tmp_path)
+    last = ckpt.list_checkpoints(run)[-1]
+    manifest = ckpt.read_manifest(last)
+    for field in ("checkpoint_every", "frozen_precision"):  # as written by 0.x, before these existed
+        del manifest["preset"]["model"][field]
+    (last / "manifest.json").write_text(json.dumps(manifest))
+    result = cdmctl(*distill_args(tiny_sd3_dir, run, 6), "--resume")
+    assert result.returncode == 0, result.stderr
+    assert ckpt.list_checkpoints(run)[-1].name == "step-0000006"

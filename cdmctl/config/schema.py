@@ -52,6 +52,17 @@ class ModelConfig(Section):
         "bf16", description="Mixed precision of the forward passes; master weights stay float32."
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    checkpoint_every: int = Field(
+        1, ge=1,
+        description="With gradient_checkpointing: recompute the activations of every N-th transformer block (1 = "
+        "every block, the least memory; 2 = half the blocks: about half the recompute, more activation memory).",
+    )
+    frozen_precision: Literal["compute", "fp32"] = Field(
+        "compute",
+        description="Weights of the frozen parts (the teacher; a LoRA run's base): in the compute dtype of "
+        "`precision` (bf16: 2 bytes per parameter) or float32 (4 bytes; exactly the teacher's float32 weights under "
+        "autocast). Trained weights always keep float32 masters.",
+    )
     compile: bool = Field(
         False,
         description="Regional torch.compile: every transformer block (the backbone's block classes) is compiled in "
