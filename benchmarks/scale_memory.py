@@ -155,6 +155,47 @@ def per_gpu(s: dict[str, int], train: str, strategy: str, n: int, teacher: str =
     return out
 
 
+# One GPU, full fine-tune: the memory switches (README "Performance"). The peak is the optimizer step's: resident
+# state, one network's float32 gradients, and torch AdamW's foreach temporary (about one float32 copy of the
+# network it steps). For the shipped settings this gives 71.8 GiB for SD3-Medium, against 72.5 GiB measured on an
+# H100 at 512 and 1024 px, batch 4 (benchmarks/results/iteration_speed.md): activations under gradient
+# checkpointing stay below that peak at those sizes. bitsandbytes' 8-bit AdamW keeps 2 bytes of moments per
+# parameter and updates tensor by tensor (no foreach temporary). A LoRA fake teacher's adapter grows with its rank
+# (on the proving ground rank 8 of the toy's width 64 collapsed, rank 32 held: which rank SD3-Medium needs is not
+# shown, hence two ranks).
+SWITCHES = {  # label -> (fake teacher: "full" or its LoRA rank, EMA on the GPU, optimizer)
+    "sd3-4nfe as shipped (full fake teacher, EMA on the GPU, AdamW)": ("full", True, "adamw"),
+    "optim.ema_device: cpu": ("full", False, "adamw"),
+    "model.fake_teacher: lora (rank 64)": (64, True, "adamw"),
+    "model.fake_teacher: lora (rank 64) + optim.ema_device: cpu": (64, False, "adamw"),
+    "model.fake_teacher: lora (rank 256) + optim.ema_device: cpu": (256, False, "adamw"),
+    "rank 256 + optim.ema_device: cpu + optim.optimizer: adamw-8bit": (256, False, "adamw-8bit"),
+}
+
+
+def one_gpu(s: dict[str, int], fake: str | int, ema_on_gpu: bool, optimizer: str) -> dict[str, float]:
+    """Bytes at the optimizer-step peak of a one-GPU full fine-tune (see SWITCHES)."""
+    P = s["P"]
+    fake_params = P if fake == "full" else s["A"] * fake / LORA_RANK  # adapters: r * (in + out) per layer
+    moments = 8 if optimizer == "adamw" else 2
+    out = {"weights": 4 * P + 2 * P + 4 * fake_params, "gradients": 4 * P,
+           "optimizer": moments * (P + fake_params), "ema": 4 * P if ema_on_gpu else 0.0,
+           "step temporary": 4 * P if optimizer == "adamw" else 0.0}  # fmt: skip
+    out["total"] = sum(out.values())
+    return out
+
+
+def one_gpu_table(s: dict[str, int], budget_gb: float = 48.0) -> list[str]:
+    keys = ("weights", "gradients", "optimizer", "ema", "step temporary", "total")
+    lines = ["| SD3-Medium, full fine-tune, one GPU | " + " | ".join(keys) + f" | under {budget_gb:g} GB? |",
+             "|" + "---|" * (len(keys) + 2)]
+    for label, switches in SWITCHES.items():
+        m = one_gpu(s, *switches)
+        fits = "yes" if m["total"] < budget_gb * 1e9 else "no"
+        lines.append(f"| {label} | " + " | ".join(f"{m[k] / GIB:.1f}" for k in keys) + f" | {fits} |")
+    return lines
+
+
 def measured() -> list[dict[str, Any]]:
     if not MEASURED.is_file():
         return []
@@ -192,6 +233,9 @@ def report() -> None:
     print("\nGiB per GPU (activations not included); FSDP2 with parallel.teacher shard. LoRA + FSDP2 with the "
           "teacher replicated: add (1 - 1/N) x base bf16 to weights.\n")
     print("\n".join(table(models)))
+    print(f"\nGiB at the optimizer step's peak on one GPU (48 GB = {48e9 / GIB:.1f} GiB; activations below it, see "
+          "SWITCHES; add the CUDA context, about 0.5-1 GiB):\n")
+    print("\n".join(one_gpu_table(models["SD3-Medium"])))
     if not measured():
         print("\nmeasured peak: none yet (no GPU on this machine); run with --measure under torchrun on GPUs")
 

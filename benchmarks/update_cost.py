@@ -42,6 +42,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "CDM, LoRA fake teacher": ("sd3-4nfe", ["model.fake_teacher=lora", "method.merge_decay=1"]),
     "CDM, per-cycle + LoRA fake teacher": ("sd3-4nfe", ["method.simulation=per-cycle", "model.fake_teacher=lora",
                                                         "method.merge_decay=1"]),
+    "CDM, ttur_ratio 1 (one fake step per student update)": ("sd3-4nfe", ["method.ttur_ratio=1"]),
     "CDM, schedule length [1, 12] (quality: see README)": ("sd3-4nfe", ["method.schedule.length=[1,12]"]),
     "CDM, length [1, 12] + per-cycle": ("sd3-4nfe", ["method.schedule.length=[1,12]", "method.simulation=per-cycle"]),
 }

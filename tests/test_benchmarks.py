@@ -1,0 +1,36 @@
+"""The benchmark scripts still run against today's engine (their figures are measured, not asserted here), and
+the memory arithmetic is the formula their docstrings state."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import scale_memory  # noqa: E402
+
+
+def test_update_cost_runs_every_row_and_reports_ratios(tmp_path):
+    out = tmp_path / "cost.md"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "update_cost.py"), "--seeds", "1",
+                             "--updates", "2", "--batch", "2", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "x |" in line]
+    assert len(rows) == len(__import__("update_cost").ROWS)
+    assert rows[0].endswith("| 1.00x |")  # the baseline against itself
+
+
+def test_one_gpu_memory_is_the_stated_bytes_per_parameter():
+    s = {"P": 1000, "A": 10}
+    shipped = scale_memory.one_gpu(s, "full", True, "adamw")
+    # float32 student 4 + bf16 teacher 2 + float32 fake 4, gradients 4, two moments of two networks 16, EMA 4,
+    # foreach temporary 4
+    assert shipped["total"] == 38 * 1000
+    lean = scale_memory.one_gpu(s, scale_memory.LORA_RANK * 2, False, "adamw")
+    adapter = 2 * 10  # twice the rank: twice the adapter
+    assert lean["total"] == (4 + 2) * 1000 + 4 * adapter + 4 * 1000 + 8 * (1000 + adapter) + 4 * 1000
+    assert scale_memory.one_gpu(s, "full", False, "adamw-8bit")["total"] == 10_000 + 4000 + 2 * 2000
