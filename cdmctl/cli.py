@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import shlex
 import sys
+from contextlib import contextmanager
 from typing import Annotated, Optional
 
 import typer
@@ -167,12 +168,14 @@ def generate(
     expand(texts, seed, num_images)  # no prompts, bad --num-images: refused before any library loads
     levels, steps, device = parse_sigmas(sigmas), check_steps(steps), check_device(device)
     _quiet_libraries()
-    result = run_generate(
-        texts, model=model, out=out, checkpoint=checkpoint, ema=ema, steps=steps, sigmas=levels,
-        seed=seed, num_images=num_images, batch_size=batch_size, height=height, width=width, device=device,
-        dtype=dtype, compare_teacher=compare_teacher, teacher=teacher, teacher_steps=teacher_steps,
-        teacher_guidance=teacher_guidance,
-    )  # fmt: skip
+    with interrupt_line("the images are written together at the end; run the same command again (every image has "
+                        "its own seed, so they come out the same)"):  # fmt: skip
+        result = run_generate(
+            texts, model=model, out=out, checkpoint=checkpoint, ema=ema, steps=steps, sigmas=levels,
+            seed=seed, num_images=num_images, batch_size=batch_size, height=height, width=width, device=device,
+            dtype=dtype, compare_teacher=compare_teacher, teacher=teacher, teacher_steps=teacher_steps,
+            teacher_guidance=teacher_guidance,
+        )  # fmt: skip
     console.print(f"[bold green]wrote[/] {len(result.images)} images to {escape(str(out))}", soft_wrap=True,
                   highlight=False)  # fmt: skip
     for label, path in (("grid", result.grid), ("compare", result.compare)):
@@ -227,13 +230,15 @@ def eval_(
         ev.prepare_metrics(names, options)  # unknown metrics fail before any library loads (run_eval checks again)
     levels, steps, device = parse_sigmas(sigmas), check_steps(steps), check_device(device)
     _quiet_libraries()
-    rows = ev.run_eval(
-        models, prompts, names, out, phase=phase,
-        metric_options=options, limit=limit, steps=steps, sigmas=levels, seed=seed, num_per_prompt=num_per_prompt,
-        batch_size=batch_size,
-        score_batch_size=score_batch_size, height=height, width=width, checkpoint=checkpoint, ema=ema,
-        device=device, dtype=dtype, rescore=rescore,
-    )  # fmt: skip
+    with interrupt_line(f"the images and scores finished so far are kept in {out}; run the same command again to "
+                        "continue from there"):  # fmt: skip
+        rows = ev.run_eval(
+            models, prompts, names, out, phase=phase,
+            metric_options=options, limit=limit, steps=steps, sigmas=levels, seed=seed,
+            num_per_prompt=num_per_prompt, batch_size=batch_size,
+            score_batch_size=score_batch_size, height=height, width=width, checkpoint=checkpoint, ema=ema,
+            device=device, dtype=dtype, rescore=rescore,
+        )  # fmt: skip
     if rows:
         console.print(ev.render_table(rows))
         for row in rows:
@@ -276,6 +281,16 @@ def _quiet_libraries() -> None:
     from cdmctl.quiet import quiet_libraries
 
     quiet_libraries()
+
+
+@contextmanager
+def interrupt_line(where: str):
+    """Ctrl-C in a command without a run folder: one line saying what is kept, exit 130 (as distill)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted (SIGINT): {where}", soft_wrap=True, highlight=False, markup=False)
+        raise typer.Exit(EXIT_SIGNAL["SIGINT"]) from None
 
 
 def interrupted_line(stop, preset: str, overrides: list[str]) -> str:

@@ -192,3 +192,39 @@ def test_signal_during_training_exits_with_a_resume_line(sig, code, tmp_path):
                              capture_output=True, text=True, timeout=240)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (out / "checkpoints" / f"step-{iteration + 1:07d}" / "manifest.json").is_file()
+
+
+def wait_until_mapped(proc: subprocess.Popen, folder: Path, timeout: float = 240) -> None:
+    """Until the process has memory-mapped a weights file of `folder` (safetensors maps them): it is then past
+    argument parsing, loading the model inside the command."""
+    deadline = time.monotonic() + timeout
+    maps = Path(f"/proc/{proc.pid}/maps")
+    while str(folder) not in (maps.read_text() if maps.exists() else ""):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the command did not start loading: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux) to see the model being loaded")
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_ctrl_c_in_generate_and_eval_exits_130_with_one_line(command, tiny_sd3_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    args = {"generate": ["generate", "--prompts", str(prompts), "-n", "100000", "--steps", "2"],
+            "eval": ["eval", "--prompts", str(prompts), "--phase", "generate", "--num-per-prompt", "100000",
+                     "--steps", "2"]}[command]  # fmt: skip
+    proc = subprocess.Popen([CDMCTL, *args, "--model", str(tiny_sd3_dir), "--out", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    wait_until_mapped(proc, tiny_sd3_dir)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"{command} did not stop on SIGINT")
+    assert proc.returncode == 130, err[-2000:]
+    lines = [line for line in err.strip().splitlines() if line.startswith("interrupted")]
+    assert "Traceback" not in err and len(lines) == 1, err[-2000:]
+    assert lines[0].startswith("interrupted (SIGINT): ") and "run the same command again" in lines[0]
