@@ -56,7 +56,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cdm-per-cycle": ("CDM, one simulation per TTUR cycle", ["method.simulation=per-cycle"]),
     # one fake step per student step: per student update the cheapest CDM that keeps the [1, 28] schedule; run it
     # with --iterations 400 for the shipped demo's 400 student updates
-    "cdm-ttur1": ("CDM, ttur ratio 1", ["method.ttur_ratio=1"]),
+    "cdm-ttur1": ("CDM, ttur ratio 1, 400 iterations (the demo's 400 student updates)", ["method.ttur_ratio=1"]),
     "cdm-no-merge": ("CDM, no student merge into the fake (merge_decay 1)", ["method.merge_decay=1"]),
     "cdm-fake-lora": ("CDM, LoRA fake teacher (rank 8 of 64, no merge)",
                       ["model.fake_teacher=lora", "model.lora.rank=8", "model.lora.alpha=16", "method.merge_decay=1"]),
