@@ -231,12 +231,14 @@ def write_tiny_sd3(folder: str | Path, seed: int = 0, resolution: int = 32, tran
 BUILTINS: dict[str, Callable[[Path], object]] = {
     "tiny-sd3": lambda folder: write_tiny_sd3(folder, seed=0),
     "tiny-longcat": lambda folder: _tiny_writer("longcat")(folder),
+    "tiny-flux2-klein": lambda folder: _tiny_writer("flux2-klein")(folder),
 }
 
 # family -> writer(folder) of a tiny random-weight pipeline of that family, or its "module:function" path.
 TINY_WRITERS: dict[str, str | Callable[[Path], object]] = {
     "sd3": write_tiny_sd3,
     "longcat": "cdmctl.backbones.tiny_longcat:write_tiny_longcat",
+    "flux2-klein": "cdmctl.backbones.tiny_flux2_klein:write_tiny_flux2_klein",
 }
 
 

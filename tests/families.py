@@ -1,0 +1,67 @@
+"""What the shared family tests need to know of each diffusers family beyond the adapter: how its own pipeline
+encodes prompts, which layout its `latents=` argument and `output_type="latent"` result have, and its defaults.
+
+These are facts about the diffusers pipelines, written independently of the adapters, so that the tests compare
+the adapters with the pipelines rather than with themselves.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    family: str
+    pipeline: str  # the diffusers class name
+    writer: str  # "module:function" of the tiny factory
+    preset: str  # the family's CDM preset
+    # pipe, prompts -> the conditioning tensors the adapter must produce (from the pipeline's own encode_prompt)
+    encoding: Callable[[Any, list[str]], dict[str, torch.Tensor]]
+    # engine latents [B, ...] -> the pipeline's `latents=` argument
+    latents_in: Callable[[Any, torch.Tensor], torch.Tensor]
+    # pipe, engine latents -> what a pipeline call with output_type="latent" returns for them
+    latents_out: Callable[[Any, torch.Tensor], torch.Tensor]
+    # the __call__ arguments of the teacher's steps and guidance, and the guidance argument's convention offset
+    guidance_arg: str = "guidance_scale"
+    guidance_offset: float = 0.0  # pipeline value = standard CFG scale - offset
+    linspace_default: bool = True  # num_inference_steps alone samples linspace(1, 1/n, n) (before the shift)
+    no_cfg: dict[str, Any] = field(default_factory=dict)  # pipeline arguments that sample without CFG
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline)
+
+    def call_default(self, name: str):
+        return inspect.signature(self.pipeline_class().__call__).parameters[name].default
+
+
+def _flux2_encoding(pipe, prompts):
+    embeds, ids = pipe.encode_prompt(prompt=prompts)
+    return {"encoder_hidden_states": embeds, "txt_ids": ids}
+
+
+def _flux2_out(pipe, x):
+    """Flux2KleinPipeline's latent output: the batch norm undone and the 2x2 patches unfolded (VAE latents)."""
+    vae = pipe.vae
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    y = x * std + mean
+    b, c, h, w = y.shape
+    return y.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
+
+
+SPECS = {
+    "flux2-klein": FamilySpec(
+        family="flux2-klein", pipeline="Flux2KleinPipeline",
+        writer="cdmctl.backbones.tiny_flux2_klein:write_tiny_flux2_klein", preset="flux2-klein-4nfe",
+        encoding=_flux2_encoding, latents_in=lambda pipe, x: x, latents_out=_flux2_out,
+        no_cfg={"guidance_scale": 1.0},
+    ),
+}  # fmt: skip
