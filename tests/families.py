@@ -57,11 +57,26 @@ def _flux2_out(pipe, x):
     return y.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
 
 
+def _zimage_encoding(pipe, prompts):
+    """ZImagePipeline's own-length caption features, zero-padded to its 512 tokens, with their lengths."""
+    features, _ = pipe.encode_prompt(prompt=list(prompts), do_classifier_free_guidance=False)
+    padded = torch.zeros(len(features), 512, features[0].shape[-1])
+    for i, f in enumerate(features):
+        padded[i, : len(f)] = f
+    return {"cap_feats": padded, "cap_len": torch.tensor([len(f) for f in features])}
+
+
 SPECS = {
     "flux2-klein": FamilySpec(
         family="flux2-klein", pipeline="Flux2KleinPipeline",
         writer="cdmctl.backbones.tiny_flux2_klein:write_tiny_flux2_klein", preset="flux2-klein-4nfe",
         encoding=_flux2_encoding, latents_in=lambda pipe, x: x, latents_out=_flux2_out,
         no_cfg={"guidance_scale": 1.0},
+    ),
+    "zimage": FamilySpec(
+        family="zimage", pipeline="ZImagePipeline", writer="cdmctl.backbones.tiny_zimage:write_tiny_zimage",
+        preset="zimage-4nfe", encoding=_zimage_encoding, latents_in=lambda pipe, x: x, latents_out=lambda pipe, x: x,
+        # cond + g (cond - uncond): the standard scale is g + 1; its default sigmas are its own, not a linspace
+        guidance_offset=1.0, linspace_default=False, no_cfg={"guidance_scale": 0.0},
     ),
 }  # fmt: skip

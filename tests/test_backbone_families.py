@@ -62,8 +62,12 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def _call(spec: FamilySpec, pipe, **kwargs):
-    """The pipeline without CFG (its own arguments for that), as cdmctl samples a student."""
-    return pipe(**{"prompt": PROMPTS, **spec.no_cfg, **kwargs})
+    """The pipeline without CFG (its own arguments for that), as cdmctl samples a student. Prompt lists are copied:
+    ZImagePipeline rewrites a prompt list it is given in place (with its chat template)."""
+    kwargs = {"prompt": list(PROMPTS), **spec.no_cfg, **kwargs}
+    if isinstance(kwargs["prompt"], list):
+        kwargs["prompt"] = list(kwargs["prompt"])
+    return pipe(**kwargs)
 
 
 # -- the tiny pipeline factory --------------------------------------------------------------------
@@ -211,7 +215,7 @@ def test_cfg_convention_matches_the_pipelines_guided_step(spec: FamilySpec, back
     pipe, g = backbone.pipeline(), 3.0
     x, level = _latents(backbone, 2, seed=6), 0.7
     kwargs = {**type(backbone).sampling_kwargs(), **type(backbone).guidance_kwargs(g)}
-    out = pipe(prompt=PROMPTS, latents=spec.latents_in(pipe, x), sigmas=[level], num_inference_steps=1, height=32,
+    out = pipe(prompt=list(PROMPTS), latents=spec.latents_in(pipe, x), sigmas=[level], num_inference_steps=1, height=32,
                width=32, output_type="latent", **kwargs).images  # fmt: skip
     shifted = backbone.shift(torch.full((2,), level), 32, 32, 1)
     null = backbone.encode_prompts([""]).expand(2)

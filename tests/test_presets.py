@@ -18,7 +18,7 @@ SHIPPED = sorted(builtin_presets())
 def test_all_expected_presets_ship():
     assert {"demo", "sd3-4nfe", "sd3-cdm-fixed", "sd3-ddmd", "sd3-dmd2"} <= set(SHIPPED)
     assert {"longcat-4nfe", "longcat-cdm-fixed", "longcat-ddmd", "longcat-dmd2", "sd35m-4nfe", "sd35l-4nfe"} <= set(SHIPPED)
-    assert {"flux2-klein-4nfe"} <= set(SHIPPED)
+    assert {"flux2-klein-4nfe", "zimage-4nfe", "zimage-ddmd"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -164,7 +164,8 @@ def flux2_klein_shift(resolution: int):
 # 3; the proving ground's toy: 6; LongCat-Image: the dynamic shift at 1024 px, mu = 1.15)
 PRESET_SHIFT = {"demo": lambda: static_shift(6.0), "sd3-4nfe": lambda: static_shift(3.0),
                 "sd35m-4nfe": lambda: static_shift(3.0), "sd35l-4nfe": lambda: static_shift(3.0),
-                "longcat-4nfe": lambda: longcat_shift(1024), "flux2-klein-4nfe": lambda: flux2_klein_shift(1024)}  # fmt: skip
+                "longcat-4nfe": lambda: longcat_shift(1024), "flux2-klein-4nfe": lambda: flux2_klein_shift(1024),
+                "zimage-4nfe": lambda: static_shift(3.0)}  # fmt: skip
 
 
 def test_flux2_klein_recipe():
@@ -175,6 +176,23 @@ def test_flux2_klein_recipe():
     assert p.model.train == "full" and p.model.text_length is None and p.method.guidance == 4.0
     sd3 = load_preset("sd3-4nfe")
     assert (p.method.schedule, p.optim, p.train) == (sd3.method.schedule, sd3.optim, sd3.train)
+
+
+def test_zimage_recipe():
+    """The pipeline's numbers (1024 px, its guidance 5 = standard 6) with the paper's SD3 method recipe; zimage-ddmd
+    is the same recipe with Decoupled DMD's losses and schedule (how Z-Image-Turbo was made)."""
+    from cdmctl.backbones.zimage import ZImageBackbone
+
+    p = load_preset("zimage-4nfe")
+    assert (p.model.backbone, p.model.pretrained, p.model.resolution) == ("zimage", "Tongyi-MAI/Z-Image", 1024)
+    assert p.model.train == "full" and p.method.guidance == 6.0
+    assert ZImageBackbone.guidance_kwargs(p.method.guidance) == {"guidance_scale": 5.0}  # the pipeline's default
+    sd3 = load_preset("sd3-4nfe")
+    assert (p.method.schedule, p.optim, p.train) == (sd3.method.schedule, sd3.optim, sd3.train)
+    ddmd, sd3_ddmd = load_preset("zimage-ddmd"), load_preset("sd3-ddmd")
+    assert (ddmd.model, ddmd.optim, ddmd.train, ddmd.method.guidance) == (p.model, p.optim, p.train, 6.0)
+    assert (ddmd.method.name, ddmd.method.losses, ddmd.method.schedule) == (
+        "ddmd", sd3_ddmd.method.losses, sd3_ddmd.method.schedule)
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_SHIFT))
