@@ -179,8 +179,11 @@ def run_pipeline(
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+        call = dict(settings)
+        if isinstance(call.get("negative_prompt"), str):  # one per prompt: pipelines do not broadcast a single one
+            call["negative_prompt"] = [call["negative_prompt"]] * len(chunk)
         with torch.inference_mode():
-            out = pipe(prompt=chunk, height=size[0], width=size[1], generator=generators, output_type="pil", **settings)
+            out = pipe(prompt=chunk, height=size[0], width=size[1], generator=generators, output_type="pil", **call)
         images.extend(out.images)
         if progress is not None:
             progress(len(chunk))
@@ -299,10 +302,13 @@ def _student(pipe: Any, model: str, info: dict[str, Any]) -> Student:
     steps, levels = info.get("steps") or DEFAULT_STEPS, info.get("levels")
     if levels and len(levels) != steps:
         levels = None
+    adapter = adapter_for_pipeline(type(pipe).__name__)
+    if adapter is not None:  # e.g. a LoRA on a Qwen-Image base: the scheduler as the student trained with
+        pipe.scheduler = adapter.student_scheduler(pipe.scheduler)
     return Student(
         pipe=pipe, model=model, steps=int(steps), levels=levels, resolution=info.get("resolution"),
         max_sequence_length=info.get("max_sequence_length"), base_model=info.get("base_model"),
-        revision=info.get("revision"), info=info, adapter=adapter_for_pipeline(type(pipe).__name__),
+        revision=info.get("revision"), info=info, adapter=adapter,
     )  # fmt: skip
 
 

@@ -30,6 +30,7 @@ class FamilySpec:
     # the __call__ arguments of the teacher's steps and guidance, and the guidance argument's convention offset
     guidance_arg: str = "guidance_scale"
     guidance_offset: float = 0.0  # pipeline value = standard CFG scale - offset
+    cfg_renorm: bool = False  # the pipeline rescales a guided prediction per token to the conditional one's norm
     linspace_default: bool = True  # num_inference_steps alone samples linspace(1, 1/n, n) (before the shift)
     no_cfg: dict[str, Any] = field(default_factory=dict)  # pipeline arguments that sample without CFG
 
@@ -66,12 +67,33 @@ def _zimage_encoding(pipe, prompts):
     return {"cap_feats": padded, "cap_len": torch.tensor([len(f) for f in features])}
 
 
+def _qwen_encoding(pipe, prompts):
+    """QwenImagePipeline's encoding (padded to the batch's longest prompt, its mask dropped when all ones), padded to
+    the 512 tokens its call allows."""
+    embeds, mask = pipe.encode_prompt(prompt=list(prompts), max_sequence_length=512)
+    if mask is None:
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    pad = 512 - embeds.shape[1]
+    return {"encoder_hidden_states": torch.nn.functional.pad(embeds, (0, 0, 0, pad)),
+            "encoder_hidden_states_mask": torch.nn.functional.pad(mask, (0, pad))}
+
+
+def _qwen_pack(pipe, x):
+    return pipe._pack_latents(x, x.shape[0], x.shape[1], x.shape[2], x.shape[3])
+
+
 SPECS = {
     "flux2-klein": FamilySpec(
         family="flux2-klein", pipeline="Flux2KleinPipeline",
         writer="cdmctl.backbones.tiny_flux2_klein:write_tiny_flux2_klein", preset="flux2-klein-4nfe",
         encoding=_flux2_encoding, latents_in=lambda pipe, x: x, latents_out=_flux2_out,
         no_cfg={"guidance_scale": 1.0},
+    ),
+    "qwenimage": FamilySpec(
+        family="qwenimage", pipeline="QwenImagePipeline", writer="cdmctl.backbones.tiny_qwenimage:write_tiny_qwenimage",
+        preset="qwenimage-4nfe", encoding=_qwen_encoding, latents_in=_qwen_pack, latents_out=_qwen_pack,
+        # true CFG: `true_cfg_scale` with a negative prompt, then rescaled per token to the conditional norm
+        guidance_arg="true_cfg_scale", cfg_renorm=True, no_cfg={"true_cfg_scale": 1.0},
     ),
     "zimage": FamilySpec(
         family="zimage", pipeline="ZImagePipeline", writer="cdmctl.backbones.tiny_zimage:write_tiny_zimage",

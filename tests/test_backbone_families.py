@@ -211,21 +211,26 @@ def test_velocity_and_shift_match_one_euler_step_of_the_pipeline(spec: FamilySpe
 
 def test_cfg_convention_matches_the_pipelines_guided_step(spec: FamilySpec, backbone, cond):
     """`guidance_kwargs(g)` makes the pipeline step with uncond + g (cond - uncond), the empty prompt unconditional:
-    the CFG the engine's teacher uses in CA and guided DM."""
+    the CFG the engine's teacher uses in CA and guided DM (Qwen-Image's pipeline then rescales it per token)."""
     pipe, g = backbone.pipeline(), 3.0
     x, level = _latents(backbone, 2, seed=6), 0.7
     kwargs = {**type(backbone).sampling_kwargs(), **type(backbone).guidance_kwargs(g)}
-    out = pipe(prompt=list(PROMPTS), latents=spec.latents_in(pipe, x), sigmas=[level], num_inference_steps=1, height=32,
-               width=32, output_type="latent", **kwargs).images  # fmt: skip
+    if isinstance(kwargs.get("negative_prompt"), str):  # one per prompt, as cdmctl's sampling passes it
+        kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * 2
+    out = pipe(prompt=list(PROMPTS), latents=spec.latents_in(pipe, x), sigmas=[level], num_inference_steps=1,
+               height=32, width=32, output_type="latent", **kwargs).images  # fmt: skip
     shifted = backbone.shift(torch.full((2,), level), 32, 32, 1)
     null = backbone.encode_prompts([""]).expand(2)
     with torch.no_grad():
         vc = backbone.velocity(backbone.transformer, x, shifted, cond)
         vu = backbone.velocity(backbone.transformer, x, shifted, null)
     v = vu + g * (vc - vu)
-    if spec.family == "qwenimage":  # the pipeline rescales the guided prediction to the conditional one's norm
-        pytest.skip("Qwen-Image renormalises CFG per token; covered by test_qwenimage_cfg_renormalisation")
-    expected = spec.latents_out(pipe, x - shifted.view(-1, 1, 1, 1) * v)
+    if spec.cfg_renorm:  # in the pipeline's packed layout: each token's guided velocity gets the conditional norm
+        vc_p, v_p = spec.latents_in(pipe, vc), spec.latents_in(pipe, v)
+        v_p = v_p * (vc_p.norm(dim=-1, keepdim=True) / v_p.norm(dim=-1, keepdim=True))
+        expected = spec.latents_in(pipe, x) - shifted.view(-1, 1, 1) * v_p
+    else:
+        expected = spec.latents_out(pipe, x - shifted.view(-1, 1, 1, 1) * v)
     torch.testing.assert_close(out.reshape(expected.shape), expected, atol=1e-5, rtol=1e-5)
     assert type(backbone).guidance_kwargs(1.0) == spec.no_cfg
 
@@ -336,3 +341,27 @@ def test_teacher_sampling_is_the_pipelines_own_defaults(spec: FamilySpec):
     assert teacher["num_inference_steps"] == spec.call_default("num_inference_steps")
     assert teacher["guidance_scale"] - spec.guidance_offset == spec.call_default(spec.guidance_arg)
     assert adapter.guidance_kwargs(teacher["guidance_scale"])[spec.guidance_arg] == spec.call_default(spec.guidance_arg)
+
+
+# -- Qwen-Image: the terminal stretch of its published scheduler config ----------------------------
+
+
+def test_qwenimage_drops_the_terminal_stretch_that_would_move_a_students_last_level(tiny_family_dir):
+    """The published config stretches every schedule to end at 0.02; the adapter trains and samples without that."""
+    from diffusers import QwenImagePipeline
+
+    from cdmctl.backbones.qwenimage import QwenImageBackbone
+
+    folder = tiny_family_dir("qwenimage")
+    base = QwenImagePipeline.from_pretrained(folder)
+    base.set_progress_bar_config(disable=True)
+    assert base.scheduler.config.shift_terminal == 0.02  # the tiny folder holds the published config
+    four = [1.0, 0.75, 0.5, 0.25]
+    base(prompt=["a cat"], sigmas=four, num_inference_steps=4, height=32, width=32, output_type="latent")
+    assert float(base.scheduler.sigmas[-2]) == pytest.approx(0.02)  # what plain diffusers would do to a student
+    backbone = load_backbone("qwenimage", str(folder))
+    assert backbone.scheduler.config.shift_terminal is None and backbone.pipeline().scheduler is backbone.scheduler
+    shifted = backbone.shift(torch.tensor(four), 32, 32)
+    assert float(shifted[-1]) > 0.1 and bool((shifted >= torch.tensor(four)).all())  # the dynamic shift alone
+    assert QwenImageBackbone.student_scheduler(base.scheduler).config.shift_terminal is None
+    assert base.scheduler.config.shift_terminal == 0.02  # a copy: the base pipeline's own is left alone

@@ -18,7 +18,7 @@ SHIPPED = sorted(builtin_presets())
 def test_all_expected_presets_ship():
     assert {"demo", "sd3-4nfe", "sd3-cdm-fixed", "sd3-ddmd", "sd3-dmd2"} <= set(SHIPPED)
     assert {"longcat-4nfe", "longcat-cdm-fixed", "longcat-ddmd", "longcat-dmd2", "sd35m-4nfe", "sd35l-4nfe"} <= set(SHIPPED)
-    assert {"flux2-klein-4nfe", "zimage-4nfe", "zimage-ddmd"} <= set(SHIPPED)
+    assert {"flux2-klein-4nfe", "qwenimage-4nfe", "zimage-4nfe", "zimage-ddmd"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -160,12 +160,26 @@ def flux2_klein_shift(resolution: int):
     return lambda s, steps: scheduler_shift(scheduler, s, image_mu(8, resolution, resolution, steps), "tiny")
 
 
+def qwenimage_shift(resolution: int):
+    """Qwen-Image's shift as the adapter applies it: the published scheduler config's dynamic shift (mu from the
+    packed token count), its terminal stretch dropped."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cdmctl.backbones.flow import scheduler_shift
+    from cdmctl.backbones.qwenimage import image_mu, without_terminal_stretch
+    from cdmctl.backbones.tiny_qwenimage import SCHEDULER_CONFIG
+
+    scheduler = without_terminal_stretch(FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG))
+    mu = image_mu(scheduler.config, 8, resolution, resolution)
+    return lambda s, steps=None: scheduler_shift(scheduler, s, mu, "tiny")
+
+
 # the time shift each shipped preset's teacher samples with at its resolution (SD3-Medium's and SD3.5's scheduler:
 # 3; the proving ground's toy: 6; LongCat-Image: the dynamic shift at 1024 px, mu = 1.15)
 PRESET_SHIFT = {"demo": lambda: static_shift(6.0), "sd3-4nfe": lambda: static_shift(3.0),
                 "sd35m-4nfe": lambda: static_shift(3.0), "sd35l-4nfe": lambda: static_shift(3.0),
                 "longcat-4nfe": lambda: longcat_shift(1024), "flux2-klein-4nfe": lambda: flux2_klein_shift(1024),
-                "zimage-4nfe": lambda: static_shift(3.0)}  # fmt: skip
+                "zimage-4nfe": lambda: static_shift(3.0), "qwenimage-4nfe": lambda: qwenimage_shift(1024)}  # fmt: skip
 
 
 def test_flux2_klein_recipe():
@@ -176,6 +190,14 @@ def test_flux2_klein_recipe():
     assert p.model.train == "full" and p.model.text_length is None and p.method.guidance == 4.0
     sd3 = load_preset("sd3-4nfe")
     assert (p.method.schedule, p.optim, p.train) == (sd3.method.schedule, sd3.optim, sd3.train)
+
+
+def test_qwenimage_recipe():
+    """LoRA by default (20B transformer) with longcat-4nfe's recipe, the pipeline's numbers (1024 px, true CFG 4)."""
+    p, longcat = load_preset("qwenimage-4nfe"), load_preset("longcat-4nfe")
+    assert (p.model.backbone, p.model.pretrained, p.model.resolution) == ("qwenimage", "Qwen/Qwen-Image", 1024)
+    assert p.model.train == "lora" and p.model.lora == longcat.model.lora and p.method.guidance == 4.0
+    assert (p.method.schedule, p.optim, p.train) == (longcat.method.schedule, longcat.optim, longcat.train)
 
 
 def test_zimage_recipe():

@@ -33,6 +33,7 @@ FAMILIES: dict[str, str | type] = {
     "longcat": "cdmctl.backbones.longcat:LongCatBackbone",
     "flux2-klein": "cdmctl.backbones.flux2_klein:Flux2KleinBackbone",
     "zimage": "cdmctl.backbones.zimage:ZImageBackbone",
+    "qwenimage": "cdmctl.backbones.qwenimage:QwenImageBackbone",
 }
 
 

@@ -80,6 +80,11 @@ class Backbone(Protocol):
         """
         ...
 
+    def student_scheduler(self, scheduler: Any) -> Any:
+        """The scheduler a student of this family samples with, from its pipeline's scheduler: the same one unless
+        the family's training shift leaves out a whole-schedule option of it (Qwen-Image: `shift_terminal`)."""
+        ...
+
     def image_multiple(self, pipe: Any) -> int:
         """Image sizes the family's pipeline `pipe` makes without resizing are multiples of this."""
         ...

@@ -82,6 +82,11 @@ class SD3Backbone:
         return {"guidance_scale": float(scale)}
 
     @staticmethod
+    def student_scheduler(scheduler: Any) -> Any:
+        """The pipeline's own scheduler: training shifts levels exactly as it does."""
+        return scheduler
+
+    @staticmethod
     def image_multiple(pipe: Any) -> int:
         return pipe.vae_scale_factor * pipe.patch_size
 

@@ -233,6 +233,7 @@ BUILTINS: dict[str, Callable[[Path], object]] = {
     "tiny-longcat": lambda folder: _tiny_writer("longcat")(folder),
     "tiny-flux2-klein": lambda folder: _tiny_writer("flux2-klein")(folder),
     "tiny-zimage": lambda folder: _tiny_writer("zimage")(folder),
+    "tiny-qwenimage": lambda folder: _tiny_writer("qwenimage")(folder),
 }
 
 # family -> writer(folder) of a tiny random-weight pipeline of that family, or its "module:function" path.
@@ -241,6 +242,7 @@ TINY_WRITERS: dict[str, str | Callable[[Path], object]] = {
     "longcat": "cdmctl.backbones.tiny_longcat:write_tiny_longcat",
     "flux2-klein": "cdmctl.backbones.tiny_flux2_klein:write_tiny_flux2_klein",
     "zimage": "cdmctl.backbones.tiny_zimage:write_tiny_zimage",
+    "qwenimage": "cdmctl.backbones.tiny_qwenimage:write_tiny_qwenimage",
 }
 
 

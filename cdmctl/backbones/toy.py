@@ -66,6 +66,11 @@ class ToyBackbone:
         return {"guidance_scale": float(scale)}
 
     @staticmethod
+    def student_scheduler(scheduler: Any) -> Any:
+        """The pipeline's own scheduler: training shifts levels exactly as it does."""
+        return scheduler
+
+    @staticmethod
     def image_multiple(pipe: Any) -> int:
         return 1
 

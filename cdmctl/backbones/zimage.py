@@ -99,6 +99,11 @@ class ZImageBackbone:
         return {"guidance_scale": float(scale) - 1.0}
 
     @staticmethod
+    def student_scheduler(scheduler: Any) -> Any:
+        """The pipeline's own scheduler: training shifts levels exactly as it does."""
+        return scheduler
+
+    @staticmethod
     def image_multiple(pipe: Any) -> int:
         return pipe.vae_scale_factor * PATCH
 
