@@ -143,6 +143,8 @@ def student_pipeline(
     except (NotImplementedError, AttributeError) as exc:
         raise UserError(f"backbone '{family}' has no diffusers pipeline", "export a diffusers backbone's run") from exc
     match_training_shift(pipe, manifest.get("preset") or {})
+    # what the family's pipeline config says of a few-step student (FLUX.2 [klein]: is_distilled, guidance ignored)
+    pipe.register_to_config(**type(backbone).student_pipeline_config())
     return pipe.to(device), manifest
 
 

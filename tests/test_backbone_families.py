@@ -365,3 +365,18 @@ def test_qwenimage_drops_the_terminal_stretch_that_would_move_a_students_last_le
     assert float(shifted[-1]) > 0.1 and bool((shifted >= torch.tensor(four)).all())  # the dynamic shift alone
     assert QwenImageBackbone.student_scheduler(base.scheduler).config.shift_terminal is None
     assert base.scheduler.config.shift_terminal == 0.02  # a copy: the base pipeline's own is left alone
+
+
+# -- FLUX.2 [klein]: the base only ----------------------------------------------------------------
+
+
+def test_a_step_distilled_klein_is_refused_as_a_teacher(tiny_family_dir, tmp_path: Path):
+    """BFL's step-distilled klein folders (and cdmctl's klein exports) say is_distilled: their pipeline ignores
+    guidance, so there is no CFG to distil; the base is the teacher."""
+    folder = shutil.copytree(tiny_family_dir("flux2-klein"), tmp_path / "distilled")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["is_distilled"] is False
+    (folder / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    with pytest.raises(UserError) as err:
+        load_backbone("flux2-klein", str(folder))
+    assert "step-distilled" in err.value.message and "FLUX.2-klein-base-4B" in err.value.fix

@@ -194,8 +194,12 @@ def test_export_is_a_self_contained_pipeline_with_the_student(spec: FamilySpec, 
     assert pipe.tokenizer(text).input_ids == base_pipe.tokenizer(text).input_ids
     assert pipe.tokenizer.chat_template == base_pipe.tokenizer.chat_template
     assert not [p for p in exported.rglob("*") if p.is_symlink()]
-    info = json.loads((exported / INFO_FILE).read_text())
     adapter = adapter_class(spec.family)
+    index = json.loads((exported / "model_index.json").read_text())
+    assert {k: index.get(k) for k in adapter.student_pipeline_config()} == adapter.student_pipeline_config()
+    if spec.family == "flux2-klein":  # marked like BFL's step-distilled klein: plain calls never run CFG
+        assert index["is_distilled"] is True and pipe.config.is_distilled
+    info = json.loads((exported / INFO_FILE).read_text())
     assert info["backbone"] == spec.family and info["guidance_kwargs"] == spec.no_cfg == adapter.guidance_kwargs(1.0)
     assert info["steps"] == 4 and info["levels"] == [1.0, 0.75, 0.5, 0.25]
 
@@ -225,7 +229,8 @@ def test_lora_only_export_loads_on_the_base_and_samples_like_the_merged_one(spec
 # -- generate and eval ----------------------------------------------------------------------------
 
 
-def test_generate_is_batch_independent_and_samples_the_training_schedule(spec: FamilySpec, exported: Path):
+def test_generate_is_batch_independent_and_samples_the_training_schedule(spec: FamilySpec, exported: Path,
+                                                                        folder: Path):  # fmt: skip
     student = open_model(str(exported), device="cpu")
     seeds = [3, 4, 5]
     together = student.sample(PROMPTS, seeds, batch_size=3)
@@ -233,7 +238,7 @@ def test_generate_is_batch_independent_and_samples_the_training_schedule(spec: F
     assert_same_pixels(together, student.sample(PROMPTS[::-1], seeds[::-1], batch_size=2)[::-1])
     assert pixels(together[:1]).tolist() != pixels(student.sample(PROMPTS[:1], [99])).tolist()
     # the pipeline's own schedule for those arguments is the adapter's shift of the training levels
-    backbone = load_backbone(spec.family, str(exported))
+    backbone = load_backbone(spec.family, str(folder))  # the base's scheduler: the export's (a klein export is marked distilled)
     levels = [1.0, 0.75, 0.5, 0.25]
     student.sample(PROMPTS[:1], [0])
     sigmas = student.pipe.scheduler.sigmas[:-1].double()
@@ -243,7 +248,7 @@ def test_generate_is_batch_independent_and_samples_the_training_schedule(spec: F
 
 
 def test_the_generate_command_samples_the_export_and_compares_with_the_teacher(spec: FamilySpec, exported: Path,
-                                                                             tmp_path: Path):  # fmt: skip
+                                                                             folder: Path, tmp_path: Path):  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "samples"
     done = subprocess.run([CDMCTL, "generate", "a red cat", "a tree", "--model", str(exported), "--out", str(out),
@@ -253,7 +258,7 @@ def test_the_generate_command_samples_the_export_and_compares_with_the_teacher(s
     text = Image.open(out / "0000-seed0.png").text
     assert int(text["steps"]) == 4 and float(text["guidance_scale"]) == 1.0
     assert (int(text["height"]), int(text["width"])) == (32, 32)  # the training resolution, from cdmctl.json
-    backbone = load_backbone(spec.family, str(exported))
+    backbone = load_backbone(spec.family, str(folder))  # the base's scheduler: the export's (a klein export is marked distilled)
     expected = backbone.shift(torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64), 32, 32).tolist()
     assert json.loads(text["shifted_sigmas"]) == pytest.approx(expected, abs=1e-6)
     teacher = Image.open(out / "teacher" / "0000-seed0.png").text

@@ -85,6 +85,11 @@ class Backbone(Protocol):
         the family's training shift leaves out a whole-schedule option of it (Qwen-Image: `shift_terminal`)."""
         ...
 
+    def student_pipeline_config(self) -> dict[str, Any]:
+        """Pipeline config entries (model_index.json) that an exported student sets: how the family's own
+        pipeline marks a few-step model (FLUX.2 [klein]: `is_distilled: true`, so guidance is ignored); usually none."""
+        ...
+
     def image_multiple(self, pipe: Any) -> int:
         """Image sizes the family's pipeline `pipe` makes without resizing are multiples of this."""
         ...

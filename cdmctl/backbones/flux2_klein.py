@@ -113,6 +113,12 @@ class Flux2KleinBackbone:
         return scheduler
 
     @staticmethod
+    def student_pipeline_config() -> dict[str, Any]:
+        """An exported student is marked as the step-distilled klein models are: its pipeline then ignores
+        `guidance_scale` (one conditional call per step), whatever a plain diffusers caller passes."""
+        return {"is_distilled": True}
+
+    @staticmethod
     def image_multiple(pipe: Any) -> int:
         return pipe.vae_scale_factor * PATCH
 

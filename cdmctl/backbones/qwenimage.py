@@ -111,6 +111,11 @@ class QwenImageBackbone:
         return without_terminal_stretch(scheduler)
 
     @staticmethod
+    def student_pipeline_config() -> dict[str, Any]:
+        """None: the family's pipeline has no flag for a few-step model."""
+        return {}
+
+    @staticmethod
     def image_multiple(pipe: Any) -> int:
         return pipe.vae_scale_factor * PATCH
 

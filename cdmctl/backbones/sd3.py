@@ -87,6 +87,11 @@ class SD3Backbone:
         return scheduler
 
     @staticmethod
+    def student_pipeline_config() -> dict[str, Any]:
+        """None: the family's pipeline has no flag for a few-step model."""
+        return {}
+
+    @staticmethod
     def image_multiple(pipe: Any) -> int:
         return pipe.vae_scale_factor * pipe.patch_size
 

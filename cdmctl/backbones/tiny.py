@@ -1,6 +1,6 @@
 """Write tiny random-weight pipeline folders of the real diffusers classes, for tests and smoke runs.
 
-    python -m cdmctl.backbones.tiny FAMILY DIR     # e.g. `longcat runs/tiny-longcat`; families: TINY_WRITERS
+    python -m cdmctl.backbones.tiny FAMILY DIR     # e.g. `zimage runs/tiny-zimage`; families: TINY_WRITERS
 
 `write_tiny_sd3` builds a StableDiffusion3Pipeline whose every part is the real class (SD3 transformer,
 two CLIP text encoders with projection, a T5 encoder, AutoencoderKL, flow-matching scheduler) at toy

@@ -71,6 +71,11 @@ class ToyBackbone:
         return scheduler
 
     @staticmethod
+    def student_pipeline_config() -> dict[str, Any]:
+        """None: the family's pipeline has no flag for a few-step model."""
+        return {}
+
+    @staticmethod
     def image_multiple(pipe: Any) -> int:
         return 1
 

@@ -74,7 +74,7 @@ def sample_dynamic_schedule(
 
     Each inner level is a position u in [0, 1] (uniform or stratified) mapped to a noise level:
     through the backbone's `shift(levels, n)` (`shift(lo + (hi - lo) u)`, the paper's schedule, dense near 1;
-    `n` because some families' shift depends on the number of steps, Flux.2's),
+    `n` because a family's shift may depend on the number of steps),
     or, with probability `coverage` per level (drawn from `coverage_gen`), linearly between the
     shifted ends (`shift(lo) + (shift(hi) - shift(lo)) u`), which reaches the low levels that
     many-step inference visits as often as the high ones.
