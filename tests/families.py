@@ -30,6 +30,7 @@ class FamilySpec:
     # the __call__ arguments of the teacher's steps and guidance, and the guidance argument's convention offset
     guidance_arg: str = "guidance_scale"
     guidance_offset: float = 0.0  # pipeline value = standard CFG scale - offset
+    latent: tuple[int, int] = (16, 8)  # the engine's latents: channels, and pixels per latent cell
     cfg_renorm: bool = False  # the pipeline rescales a guided prediction per token to the conditional one's norm
     linspace_default: bool = True  # num_inference_steps alone samples linspace(1, 1/n, n) (before the shift)
     no_cfg: dict[str, Any] = field(default_factory=dict)  # pipeline arguments that sample without CFG
@@ -87,7 +88,7 @@ SPECS = {
         family="flux2-klein", pipeline="Flux2KleinPipeline",
         writer="cdmctl.backbones.tiny_flux2_klein:write_tiny_flux2_klein", preset="flux2-klein-4nfe",
         encoding=_flux2_encoding, latents_in=lambda pipe, x: x, latents_out=_flux2_out,
-        no_cfg={"guidance_scale": 1.0},
+        latent=(128, 16), no_cfg={"guidance_scale": 1.0},
     ),
     "qwenimage": FamilySpec(
         family="qwenimage", pipeline="QwenImagePipeline", writer="cdmctl.backbones.tiny_qwenimage:write_tiny_qwenimage",

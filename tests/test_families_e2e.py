@@ -137,6 +137,18 @@ def test_the_family_preset_distils(spec: FamilySpec, trained_run: Path, folder: 
     assert sorted(p.name for p in (trained_run / "samples").iterdir()) == ["step-0000000.png", "step-0000002.png"]
 
 
+def test_cached_prompt_embeddings_train_the_student_that_live_encoding_trains(spec: FamilySpec, trained_run: Path,
+                                                                             folder: Path, prompt_file: Path,
+                                                                             tmp_path: Path):  # fmt: skip
+    """The embedding cache keeps the family's conditioning (position ids, masks, caption lengths) as encoded."""
+    distil(tmp_path / "live", spec, folder, prompt_file, "--set", "data.cache_embeddings=false")
+    cached = load_weights(list_checkpoints(trained_run)[-1], "student")
+    live = load_weights(list_checkpoints(tmp_path / "live")[-1], "student")
+    assert cached.keys() == live.keys()
+    for name in cached:  # batches of other prompts pad differently in the text encoder: float rounding at most
+        torch.testing.assert_close(live[name], cached[name], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_other_method_distils(spec: FamilySpec, method: str, folder: Path, prompt_file: Path, tmp_path: Path):
     before = digest(folder)
