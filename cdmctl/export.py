@@ -143,6 +143,8 @@ def student_pipeline(
     except (NotImplementedError, AttributeError) as exc:
         raise UserError(f"backbone '{family}' has no diffusers pipeline", "export a diffusers backbone's run") from exc
     match_training_shift(pipe, manifest.get("preset") or {})
+    # what the family's pipeline config says of a few-step student (FLUX.2 [klein]: is_distilled, guidance ignored)
+    pipe.register_to_config(**type(backbone).student_pipeline_config())
     return pipe.to(device), manifest
 
 
@@ -309,9 +311,12 @@ def export_info(
         "revision": manifest.get("revision"),
         "steps": steps,
         "levels": levels,
-        "usage": "pipe(prompt, sigmas=levels, guidance_scale=1.0, **pipeline_kwargs[, max_sequence_length=...]); the "
-        "levels are unshifted: the pipeline's scheduler applies the model's time shift to them, as in training",
+        "usage": "pipe(prompt, sigmas=levels, num_inference_steps=len(levels), **guidance_kwargs, **pipeline_kwargs"
+        "[, max_sequence_length=...]); the levels are unshifted: the pipeline's scheduler applies the model's time "
+        "shift to them, as in training",
         "guidance_scale": 1.0,
+        # no CFG, in the family's own call arguments (Z-Image: guidance_scale 0; Qwen-Image: true_cfg_scale 1)
+        "guidance_kwargs": adapter_class(manifest["backbone"]).guidance_kwargs(1.0),
         # the family's own call arguments (LongCat: prompt rewriting off, as in training)
         "pipeline_kwargs": adapter_class(manifest["backbone"]).sampling_kwargs(),
         # the long text encoder's token count in training (SD3: T5); pass it to the pipeline when set

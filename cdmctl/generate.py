@@ -74,7 +74,7 @@ class Student:
         config = self.pipe.scheduler.config
         height, width = size or self.image_size()
         if self.adapter is not None:
-            extra = self.adapter.scheduler_kwargs(self.pipe, height, width)
+            extra = self.adapter.scheduler_kwargs(self.pipe, height, width, len(levels))
         elif config.get("use_dynamic_shifting"):
             return None  # depends on the image size in a way only the pipeline knows
         else:
@@ -132,8 +132,15 @@ class Student:
         shape, so pixels may differ by a few levels between batch sizes (5/255 seen on an H100).
         `progress(n)` is called after each batch with the number of images it made.
         """
-        settings = {"sigmas": self.schedule(steps, sigmas), "guidance_scale": 1.0, **self.call_kwargs()}
+        levels = self.schedule(steps, sigmas)
+        # the step count too: a pipeline may compute its shift from it (Flux.2) even when given the sigmas
+        settings = {"sigmas": levels, "num_inference_steps": len(levels), **self.guidance_kwargs(1.0),
+                    **self.call_kwargs()}  # fmt: skip
         return run_pipeline(self.pipe, prompts, seeds, settings, self.image_size(height, width), batch_size, progress)
+
+    def guidance_kwargs(self, scale: float) -> dict[str, Any]:
+        """The pipeline's arguments for standard CFG at `scale` (1: none) in its family's convention."""
+        return self.adapter.guidance_kwargs(scale) if self.adapter is not None else {"guidance_scale": float(scale)}
 
     def call_kwargs(self) -> dict[str, Any]:
         """What every call of this pipeline passes besides the schedule and guidance, student and teacher alike:
@@ -172,8 +179,11 @@ def run_pipeline(
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+        call = dict(settings)
+        if isinstance(call.get("negative_prompt"), str):  # one per prompt: pipelines do not broadcast a single one
+            call["negative_prompt"] = [call["negative_prompt"]] * len(chunk)
         with torch.inference_mode():
-            out = pipe(prompt=chunk, height=size[0], width=size[1], generator=generators, output_type="pil", **settings)
+            out = pipe(prompt=chunk, height=size[0], width=size[1], generator=generators, output_type="pil", **call)
         images.extend(out.images)
         if progress is not None:
             progress(len(chunk))
@@ -292,10 +302,13 @@ def _student(pipe: Any, model: str, info: dict[str, Any]) -> Student:
     steps, levels = info.get("steps") or DEFAULT_STEPS, info.get("levels")
     if levels and len(levels) != steps:
         levels = None
+    adapter = adapter_for_pipeline(type(pipe).__name__)
+    if adapter is not None:  # e.g. a LoRA on a Qwen-Image base: the scheduler as the student trained with
+        pipe.scheduler = adapter.student_scheduler(pipe.scheduler)
     return Student(
         pipe=pipe, model=model, steps=int(steps), levels=levels, resolution=info.get("resolution"),
         max_sequence_length=info.get("max_sequence_length"), base_model=info.get("base_model"),
-        revision=info.get("revision"), info=info, adapter=adapter_for_pipeline(type(pipe).__name__),
+        revision=info.get("revision"), info=info, adapter=adapter,
     )  # fmt: skip
 
 
@@ -412,11 +425,12 @@ def sample_teacher(
         raise UserError(f"cannot load the teacher's transformer from {source}: {exc}", "check --teacher") from exc
     teacher_pipe = type(pipe)(**{**pipe.components, "transformer": transformer.to(student.device)})
     # Same prompt encoding as the student (and as the teacher saw in training).
-    settings = {**student.teacher_defaults(), **student.call_kwargs()}
-    if steps is not None:
-        settings["num_inference_steps"] = int(steps)
-    if guidance is not None:
-        settings["guidance_scale"] = float(guidance)
+    defaults = student.teacher_defaults()
+    settings = {
+        "num_inference_steps": int(defaults["num_inference_steps"] if steps is None else steps),
+        **student.guidance_kwargs(defaults["guidance_scale"] if guidance is None else guidance),
+        **student.call_kwargs(),
+    }
     return run_pipeline(teacher_pipe, prompts, seeds, settings, student.image_size(height, width), batch_size, progress)
 
 

@@ -328,7 +328,7 @@ class DistillRun:
         self.distiller = Distiller(
             acc, self.roles, preset.method, preset.optim, student_opt, fake_opt, self.ema,
             make_batch=batch_maker(bank, self.per_process_batch(), self.latent, acc.device),
-            shift=lambda s: backbone.shift(s, res, res).to(s.device),
+            shift=lambda s, steps: backbone.shift(s, res, res, steps).to(s.device),
             seed=preset.train.seed,
             clip=grad_clipper(acc),
         )

@@ -38,3 +38,19 @@ def tiny_longcat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cdmctl.backbones.tiny_longcat import write_tiny_longcat
 
     return write_tiny_longcat(tmp_path_factory.mktemp("tiny-longcat") / "pipe", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dir(tmp_path_factory: pytest.TempPathFactory):
+    """family -> its tiny pipeline folder (real classes, seed 0), written once per session by the family's own
+    writer (`python -m cdmctl.backbones.tiny FAMILY DIR`). Read-only."""
+    from cdmctl.backbones.tiny import write_tiny
+
+    folders: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in folders:
+            folders[family] = write_tiny(family, tmp_path_factory.mktemp(f"tiny-{family}") / "pipe")
+        return folders[family]
+
+    return get

@@ -90,3 +90,16 @@ def test_the_proving_ground_registers_itself_through_the_plugin_entry_point():
     load_plugins()
     assert "toy-sd3" in BUILTINS
     assert any(r.__module__ == "cdmctl.proving.plugin" for r in RUN_REPORTS)
+
+
+def test_the_engine_names_no_model_family():
+    """Not even in a string, comment or docstring: what a family needs goes through the backbone interface."""
+    import re
+
+    from cdmctl.backbones import FAMILIES
+
+    names = {*FAMILIES, "flux", "qwen", "z-image", "stable diffusion", "klein"}
+    pattern = re.compile("|".join(re.escape(n) for n in sorted(names)), re.IGNORECASE)
+    offenders = [f"{path.name}:{i}: {line.strip()}" for path in sorted(ENGINE.rglob("*.py"))
+                 for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]  # fmt: skip
+    assert offenders == []

@@ -18,6 +18,7 @@ SHIPPED = sorted(builtin_presets())
 def test_all_expected_presets_ship():
     assert {"demo", "sd3-4nfe", "sd3-cdm-fixed", "sd3-ddmd", "sd3-dmd2"} <= set(SHIPPED)
     assert {"longcat-4nfe", "longcat-cdm-fixed", "longcat-ddmd", "longcat-dmd2", "sd35m-4nfe", "sd35l-4nfe"} <= set(SHIPPED)
+    assert {"flux2-klein-4nfe", "qwenimage-4nfe", "zimage-4nfe", "zimage-ddmd"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -133,7 +134,7 @@ def test_presets_list_and_show_render(monkeypatch):
 
 
 def static_shift(k: float):
-    return lambda s: k * s / (1 + (k - 1) * s)
+    return lambda s, steps=None: k * s / (1 + (k - 1) * s)
 
 
 def longcat_shift(resolution: int):
@@ -145,14 +146,75 @@ def longcat_shift(resolution: int):
 
     scheduler = tiny_longcat_scheduler()
     mu = image_mu(scheduler.config, 8, resolution, resolution)
-    return lambda s: scheduler_shift(scheduler, s, mu, "tiny")
+    return lambda s, steps=None: scheduler_shift(scheduler, s, mu, "tiny")
+
+
+def flux2_klein_shift(resolution: int):
+    """FLUX.2 [klein]'s shift: the pipeline's empirical mu of the token count and the step count (dynamic)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cdmctl.backbones.flow import scheduler_shift
+    from cdmctl.backbones.flux2_klein import image_mu
+
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    return lambda s, steps: scheduler_shift(scheduler, s, image_mu(8, resolution, resolution, steps), "tiny")
+
+
+def qwenimage_shift(resolution: int):
+    """Qwen-Image's shift as the adapter applies it: the published scheduler config's dynamic shift (mu from the
+    packed token count), its terminal stretch dropped."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cdmctl.backbones.flow import scheduler_shift
+    from cdmctl.backbones.qwenimage import image_mu, without_terminal_stretch
+    from cdmctl.backbones.tiny_qwenimage import SCHEDULER_CONFIG
+
+    scheduler = without_terminal_stretch(FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG))
+    mu = image_mu(scheduler.config, 8, resolution, resolution)
+    return lambda s, steps=None: scheduler_shift(scheduler, s, mu, "tiny")
 
 
 # the time shift each shipped preset's teacher samples with at its resolution (SD3-Medium's and SD3.5's scheduler:
 # 3; the proving ground's toy: 6; LongCat-Image: the dynamic shift at 1024 px, mu = 1.15)
 PRESET_SHIFT = {"demo": lambda: static_shift(6.0), "sd3-4nfe": lambda: static_shift(3.0),
                 "sd35m-4nfe": lambda: static_shift(3.0), "sd35l-4nfe": lambda: static_shift(3.0),
-                "longcat-4nfe": lambda: longcat_shift(1024)}  # fmt: skip
+                "longcat-4nfe": lambda: longcat_shift(1024), "flux2-klein-4nfe": lambda: flux2_klein_shift(1024),
+                "zimage-4nfe": lambda: static_shift(3.0), "qwenimage-4nfe": lambda: qwenimage_shift(1024)}  # fmt: skip
+
+
+def test_flux2_klein_recipe():
+    """The pipeline's numbers (1024 px, guidance 4) with the paper's SD3 method recipe (preset header)."""
+    p = load_preset("flux2-klein-4nfe")
+    assert (p.model.backbone, p.model.pretrained, p.model.resolution) == (
+        "flux2-klein", "black-forest-labs/FLUX.2-klein-base-4B", 1024)
+    assert p.model.train == "full" and p.model.text_length is None and p.method.guidance == 4.0
+    sd3 = load_preset("sd3-4nfe")
+    assert (p.method.schedule, p.optim, p.train) == (sd3.method.schedule, sd3.optim, sd3.train)
+
+
+def test_qwenimage_recipe():
+    """LoRA by default (20B transformer) with longcat-4nfe's recipe, the pipeline's numbers (1024 px, true CFG 4)."""
+    p, longcat = load_preset("qwenimage-4nfe"), load_preset("longcat-4nfe")
+    assert (p.model.backbone, p.model.pretrained, p.model.resolution) == ("qwenimage", "Qwen/Qwen-Image", 1024)
+    assert p.model.train == "lora" and p.model.lora == longcat.model.lora and p.method.guidance == 4.0
+    assert (p.method.schedule, p.optim, p.train) == (longcat.method.schedule, longcat.optim, longcat.train)
+
+
+def test_zimage_recipe():
+    """The pipeline's numbers (1024 px, its guidance 5 = standard 6) with the paper's SD3 method recipe; zimage-ddmd
+    is the same recipe with Decoupled DMD's losses and schedule (how Z-Image-Turbo was made)."""
+    from cdmctl.backbones.zimage import ZImageBackbone
+
+    p = load_preset("zimage-4nfe")
+    assert (p.model.backbone, p.model.pretrained, p.model.resolution) == ("zimage", "Tongyi-MAI/Z-Image", 1024)
+    assert p.model.train == "full" and p.method.guidance == 6.0
+    assert ZImageBackbone.guidance_kwargs(p.method.guidance) == {"guidance_scale": 5.0}  # the pipeline's default
+    sd3 = load_preset("sd3-4nfe")
+    assert (p.method.schedule, p.optim, p.train) == (sd3.method.schedule, sd3.optim, sd3.train)
+    ddmd, sd3_ddmd = load_preset("zimage-ddmd"), load_preset("sd3-ddmd")
+    assert (ddmd.model, ddmd.optim, ddmd.train, ddmd.method.guidance) == (p.model, p.optim, p.train, 6.0)
+    assert (ddmd.method.name, ddmd.method.losses, ddmd.method.schedule) == (
+        "ddmd", sd3_ddmd.method.losses, sd3_ddmd.method.schedule)
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_SHIFT))
@@ -176,7 +238,7 @@ def test_dynamic_presets_train_at_the_levels_1_to_8_step_inference_visits(name):
                                 coverage_gen=generator(0, i, "coverage"))[1:]
         for i in range(400)
     ])
-    visited = {round(float(shift(torch.tensor(j / n, dtype=torch.float64))), 3) for n in range(2, 9) for j in range(1, n)}
+    visited = {round(float(shift(torch.tensor(j / n, dtype=torch.float64), n)), 3) for n in range(2, 9) for j in range(1, n)}
     for level in sorted(visited):
         near = float(((levels - level).abs() < 0.05).double().mean())
         assert near > 0.03, f"{name}: only {near:.1%} of training levels within 0.05 of inference level {level}"

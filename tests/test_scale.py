@@ -280,3 +280,24 @@ def test_longcat_lora_under_fsdp2_matches_one_process(tiny_longcat_dir, tmp_path
     a, b = final(tmp_path / "two"), final(tmp_path / "one")
     assert ckpt.read_manifest(a)["parallel"] == {"strategy": FSDP2, "processes": 2}
     assert max_difference(a, b, "student") <= RTOL * moved(b, tiny_longcat_dir)
+
+
+@pytest.mark.parametrize("family", ["flux2-klein", "qwenimage", "zimage"])
+def test_the_other_families_under_fsdp2_match_one_process(family, tiny_family_dir, tmp_path):
+    """FLUX.2 [klein] (two block classes, 4-axis int64 ids), Qwen-Image (masked text cut per batch) and Z-Image
+    (list inputs, caption lengths): a LoRA student on 2 FSDP2 processes matches one process."""
+    model, preset = tiny_family_dir(family), f"{family}-4nfe"
+    extra = ["model.train=lora", "model.lora.rank=4", "model.lora.alpha=8", "model.gradient_checkpointing=true"]
+
+    def distil(out: Path, processes: int, more: list[str]) -> None:
+        args = ["distill", "--preset", preset, "--out", str(out), "--plain",
+                *settings(model, ITERATIONS, extra + more, drop=("model.text_length",))]  # fmt: skip
+        launch = [str(Path(CDMCTL).parent / "torchrun"), "--nproc_per_node", str(processes), "-m", "cdmctl.cli"]
+        ok(subprocess.run([*(launch if processes > 1 else [CDMCTL]), *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False))  # fmt: skip
+
+    distil(tmp_path / "one", 1, [])
+    distil(tmp_path / "two", 2, ["parallel.strategy=fsdp2"])
+    a, b = final(tmp_path / "two"), final(tmp_path / "one")
+    assert ckpt.read_manifest(a)["parallel"] == {"strategy": FSDP2, "processes": 2}
+    assert max_difference(a, b, "student") <= RTOL * moved(b, model)

@@ -91,8 +91,25 @@ def test_record_index_covers_every_step():
     assert torch.equal(idx, sample_record_index(generator(0, "record"), 1000, 6))
 
 
-def shift6(s):
+def shift6(s, steps=None):
     return 6 * s / (1 + 5 * s)
+
+
+def test_the_shift_is_told_the_length_of_the_schedule_it_shifts():
+    """Flux.2's shift depends on the step count: every level of an n-level schedule is shifted for n steps."""
+    seen = []
+
+    def recording(s, steps):
+        seen.append((s.numel(), steps))
+        return s * steps / 100
+
+    for it in range(5):
+        levels = sample_dynamic_schedule(generator(5, it, "length"), (2, 9), (0.05, 0.95), "stratified",
+                                         inner_gen=generator(5, it, "i"), shift=recording, coverage=0.5,
+                                         coverage_gen=generator(5, it, "c"))  # fmt: skip
+        n = len(levels)
+        assert seen[-2:] == [(n - 1, n), (2, n)]  # the inner levels and the coverage ends, both for n steps
+        seen.clear()
 
 
 def test_dynamic_schedule_applies_the_shift_to_every_inner_level():

@@ -122,7 +122,7 @@ def distiller(method: MethodConfig, warmup: int = 0) -> Distiller:
     s_opt = torch.optim.AdamW(roles.student_module.parameters(), lr=1.0)
     f_opt = torch.optim.AdamW(roles.fake_module.parameters(), lr=1.0)
     return Distiller(FakeAccelerator(), roles, method, optim, s_opt, f_opt, None,
-                     lambda d: make_batch(rec.inner, d), lambda s: s, seed=0)
+                     lambda d: make_batch(rec.inner, d), lambda s, steps: s, seed=0)
 
 
 def test_ttur_student_updates_every_kth_iteration_and_fake_merges_student():

@@ -31,6 +31,9 @@ def __getattr__(name: str) -> Any:
 FAMILIES: dict[str, str | type] = {
     "sd3": "cdmctl.backbones.sd3:SD3Backbone",
     "longcat": "cdmctl.backbones.longcat:LongCatBackbone",
+    "flux2-klein": "cdmctl.backbones.flux2_klein:Flux2KleinBackbone",
+    "zimage": "cdmctl.backbones.zimage:ZImageBackbone",
+    "qwenimage": "cdmctl.backbones.qwenimage:QwenImageBackbone",
 }
 
 

@@ -66,15 +66,37 @@ class Backbone(Protocol):
         ...
 
     def teacher_sampling(self) -> dict[str, Any]:
-        """The base model's own many-step settings (`num_inference_steps`, `guidance_scale`)."""
+        """The base model's own many-step settings: `num_inference_steps`, and `guidance_scale` as cdmctl's
+        standard CFG scale (translated for the pipeline by `guidance_kwargs`)."""
+        ...
+
+    def guidance_kwargs(self, scale: float) -> dict[str, Any]:
+        """The pipeline call arguments that sample with the standard CFG `uncond + scale (cond - uncond)`, the
+        empty prompt as the unconditional one (the CFG the engine's teacher uses); scale 1 is no guidance.
+
+        This is where a family states its CFG convention: SD3 passes `guidance_scale` as it is, Z-Image's pipeline
+        computes `cond + g (cond - uncond)` (so g = scale - 1), Qwen-Image's guides only with `true_cfg_scale`
+        and a negative prompt.
+        """
+        ...
+
+    def student_scheduler(self, scheduler: Any) -> Any:
+        """The scheduler a student of this family samples with, from its pipeline's scheduler: the same one unless
+        the family's training shift leaves out a whole-schedule option of it (Qwen-Image: `shift_terminal`)."""
+        ...
+
+    def student_pipeline_config(self) -> dict[str, Any]:
+        """Pipeline config entries (model_index.json) that an exported student sets: how the family's own
+        pipeline marks a few-step model (FLUX.2 [klein]: `is_distilled: true`, so guidance is ignored); usually none."""
         ...
 
     def image_multiple(self, pipe: Any) -> int:
         """Image sizes the family's pipeline `pipe` makes without resizing are multiples of this."""
         ...
 
-    def scheduler_kwargs(self, pipe: Any, height: int, width: int) -> dict[str, Any]:
-        """What the pipeline `pipe` passes to `scheduler.set_timesteps` besides the sigmas at this size (e.g. `mu`)."""
+    def scheduler_kwargs(self, pipe: Any, height: int, width: int, steps: int) -> dict[str, Any]:
+        """What the pipeline `pipe` passes to `scheduler.set_timesteps` besides the sigmas at this size, for a
+        `steps`-step call (e.g. `mu`; Flux.2's depends on the step count)."""
         ...
 
     # -- the model ----------------------------------------------------------------------------------
@@ -95,8 +117,9 @@ class Backbone(Protocol):
         """Velocity `v ~ eps - x0` of `model` (this family's transformer) at latents x [B, ...], levels s [B]."""
         ...
 
-    def shift(self, s: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """The family's time shift of unshifted levels s, exactly as its diffusers scheduler applies it."""
+    def shift(self, s: torch.Tensor, height: int, width: int, steps: int | None = None) -> torch.Tensor:
+        """The family's time shift of unshifted levels s, exactly as its diffusers scheduler applies it to a
+        `steps`-step schedule at this size (None: s is the whole schedule, steps = its size)."""
         ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Opening a diffusers pipeline (local folder or hub id) for a backbone adapter: checks first, then the parts.
 
-Shared by the diffusers adapters (sd3, longcat): a wrong path, a folder of another family or an incomplete
-folder is a one-line UserError before any weights load, and a family's unused parts are never loaded.
+Shared by the diffusers adapters (sd3, longcat, flux2-klein, qwenimage, zimage): a wrong path, a folder of another
+family or an incomplete folder is a one-line UserError before any weights load, and a family's unused parts are never
+loaded.
 """
 
 from __future__ import annotations

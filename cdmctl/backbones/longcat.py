@@ -94,11 +94,27 @@ class LongCatBackbone:
         return {"num_inference_steps": 50, "guidance_scale": 4.5}
 
     @staticmethod
+    def guidance_kwargs(scale: float) -> dict[str, Any]:
+        """CFG convention: `guidance_scale` is the standard scale (CFG when > 1, the negative prompt "" by default,
+        conditional and unconditional in two calls), then the pipeline renormalises it (`enable_cfg_renorm`)."""
+        return {"guidance_scale": float(scale)}
+
+    @staticmethod
+    def student_scheduler(scheduler: Any) -> Any:
+        """The pipeline's own scheduler: training shifts levels exactly as it does."""
+        return scheduler
+
+    @staticmethod
+    def student_pipeline_config() -> dict[str, Any]:
+        """None: the family's pipeline has no flag for a few-step model."""
+        return {}
+
+    @staticmethod
     def image_multiple(pipe: Any) -> int:
         return pipe.vae_scale_factor * PATCH
 
     @staticmethod
-    def scheduler_kwargs(pipe: Any, height: int, width: int) -> dict[str, Any]:
+    def scheduler_kwargs(pipe: Any, height: int, width: int, steps: int) -> dict[str, Any]:
         """The pipeline passes mu (for the image's packed sequence length) to every set_timesteps call."""
         return {"mu": image_mu(pipe.scheduler.config, pipe.vae_scale_factor, height, width)}
 
@@ -179,8 +195,9 @@ class LongCatBackbone:
             self._image_ids[key] = ids.to(device)
         return self._image_ids[key]
 
-    def shift(self, s: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """The levels LongCatImagePipeline's scheduler uses for unshifted levels s (any shape) at this image size."""
+    def shift(self, s: torch.Tensor, height: int, width: int, steps: int | None = None) -> torch.Tensor:
+        """The levels LongCatImagePipeline's scheduler uses for unshifted levels s (any shape) at this image size
+        (any step count)."""
         mu = image_mu(self.scheduler.config, self.vae_scale_factor, height, width)
         return scheduler_shift(self.scheduler, s, mu, self.source)
 

@@ -76,11 +76,27 @@ class SD3Backbone:
         return {"num_inference_steps": 28, "guidance_scale": 7.0}
 
     @staticmethod
+    def guidance_kwargs(scale: float) -> dict[str, Any]:
+        """CFG convention: `guidance_scale` is the standard scale (uncond + g (cond - uncond), CFG when g > 1), the
+        negative prompt "" by default, the unconditional half of the batch first."""
+        return {"guidance_scale": float(scale)}
+
+    @staticmethod
+    def student_scheduler(scheduler: Any) -> Any:
+        """The pipeline's own scheduler: training shifts levels exactly as it does."""
+        return scheduler
+
+    @staticmethod
+    def student_pipeline_config() -> dict[str, Any]:
+        """None: the family's pipeline has no flag for a few-step model."""
+        return {}
+
+    @staticmethod
     def image_multiple(pipe: Any) -> int:
         return pipe.vae_scale_factor * pipe.patch_size
 
     @staticmethod
-    def scheduler_kwargs(pipe: Any, height: int, width: int) -> dict[str, Any]:
+    def scheduler_kwargs(pipe: Any, height: int, width: int, steps: int) -> dict[str, Any]:
         mu = _mu(pipe.scheduler.config, pipe.patch_size, pipe.vae_scale_factor, height, width)
         return {} if mu is None else {"mu": mu}
 
@@ -144,8 +160,9 @@ class SD3Backbone:
             return_dict=False,
         )[0]
 
-    def shift(self, s: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """The levels the scheduler would use for unshifted levels s (any shape): set_timesteps(sigmas=s)."""
+    def shift(self, s: torch.Tensor, height: int, width: int, steps: int | None = None) -> torch.Tensor:
+        """The levels the scheduler would use for unshifted levels s (any shape): set_timesteps(sigmas=s). The step
+        count does not matter to SD3's shift."""
         mu = _mu(self.scheduler.config, self.transformer.config.patch_size, self.vae_scale_factor, height, width)
         return scheduler_shift(self.scheduler, s, mu, self.source)
 

@@ -1,6 +1,6 @@
 """Write tiny random-weight pipeline folders of the real diffusers classes, for tests and smoke runs.
 
-    python -m cdmctl.backbones.tiny FAMILY DIR     # e.g. `longcat runs/tiny-longcat`; families: TINY_WRITERS
+    python -m cdmctl.backbones.tiny FAMILY DIR     # e.g. `zimage runs/tiny-zimage`; families: TINY_WRITERS
 
 `write_tiny_sd3` builds a StableDiffusion3Pipeline whose every part is the real class (SD3 transformer,
 two CLIP text encoders with projection, a T5 encoder, AutoencoderKL, flow-matching scheduler) at toy
@@ -231,12 +231,18 @@ def write_tiny_sd3(folder: str | Path, seed: int = 0, resolution: int = 32, tran
 BUILTINS: dict[str, Callable[[Path], object]] = {
     "tiny-sd3": lambda folder: write_tiny_sd3(folder, seed=0),
     "tiny-longcat": lambda folder: _tiny_writer("longcat")(folder),
+    "tiny-flux2-klein": lambda folder: _tiny_writer("flux2-klein")(folder),
+    "tiny-zimage": lambda folder: _tiny_writer("zimage")(folder),
+    "tiny-qwenimage": lambda folder: _tiny_writer("qwenimage")(folder),
 }
 
 # family -> writer(folder) of a tiny random-weight pipeline of that family, or its "module:function" path.
 TINY_WRITERS: dict[str, str | Callable[[Path], object]] = {
     "sd3": write_tiny_sd3,
     "longcat": "cdmctl.backbones.tiny_longcat:write_tiny_longcat",
+    "flux2-klein": "cdmctl.backbones.tiny_flux2_klein:write_tiny_flux2_klein",
+    "zimage": "cdmctl.backbones.tiny_zimage:write_tiny_zimage",
+    "qwenimage": "cdmctl.backbones.tiny_qwenimage:write_tiny_qwenimage",
 }
 
 

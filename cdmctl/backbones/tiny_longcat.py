@@ -31,13 +31,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def qwen_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """GPT-2/Qwen byte-level BPE: every byte, merges spelling `_WORDS` alone and after a space, special tokens last."""
+def qwen_vocab_and_merges(extra_words: tuple[str, ...] = ()) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """GPT-2/Qwen byte-level BPE: every byte, merges spelling `extra_words` (first: they take precedence, so each
+    becomes one token) and `_WORDS` alone and after a space, special tokens last."""
     byte_chars = _bytes_to_unicode()
     vocab = {c: i for i, c in enumerate(byte_chars.values())}
     merges: list[tuple[str, str]] = []
     space = byte_chars[ord(" ")]  # "Ġ": the byte-level pre-tokenizer keeps a word's leading space
-    for word in _WORDS:
+    for word in [*extra_words, *_WORDS]:
         for spelled in (word, space + word):
             current = spelled[0]
             for char in spelled[1:]:

@@ -62,11 +62,25 @@ class ToyBackbone:
         return {}
 
     @staticmethod
+    def guidance_kwargs(scale: float) -> dict[str, Any]:
+        return {"guidance_scale": float(scale)}
+
+    @staticmethod
+    def student_scheduler(scheduler: Any) -> Any:
+        """The pipeline's own scheduler: training shifts levels exactly as it does."""
+        return scheduler
+
+    @staticmethod
+    def student_pipeline_config() -> dict[str, Any]:
+        """None: the family's pipeline has no flag for a few-step model."""
+        return {}
+
+    @staticmethod
     def image_multiple(pipe: Any) -> int:
         return 1
 
     @staticmethod
-    def scheduler_kwargs(pipe: Any, height: int, width: int) -> dict[str, Any]:
+    def scheduler_kwargs(pipe: Any, height: int, width: int, steps: int) -> dict[str, Any]:
         return {}
 
     def __init__(
@@ -114,7 +128,7 @@ class ToyBackbone:
         """v of `model` at x [B, C, H, W], levels s [B], cond {"embedding": [B, D]} -> [B, C, H, W]."""
         return model(x, s, cond.tensors["embedding"])
 
-    def shift(self, s: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def shift(self, s: torch.Tensor, height: int, width: int, steps: int | None = None) -> torch.Tensor:
         k = self.shift_k
         return k * s / (1 + (k - 1) * s)
 

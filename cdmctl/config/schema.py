@@ -29,8 +29,9 @@ class LoraConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["sd3", "longcat"] = Field(
-        "sd3", description="Backbone adapter (model family): sd3 (SD3, SD3.5) or longcat (LongCat-Image)."
+    backbone: Literal["sd3", "longcat", "flux2-klein", "qwenimage", "zimage"] = Field(
+        "sd3", description="Backbone adapter (model family): sd3 (SD3, SD3.5), longcat (LongCat-Image), flux2-klein "
+        "(FLUX.2 [klein] base), qwenimage (Qwen-Image) or zimage (Z-Image).",
     )
     pretrained: str = Field(
         ..., description="Teacher: a hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers) or a local folder."

@@ -73,7 +73,7 @@ class Distiller:
         fake_opt: torch.optim.Optimizer,
         ema: StudentEMA | None,
         make_batch: Callable[[Draws], Batch],
-        shift: Callable[[torch.Tensor], torch.Tensor],
+        shift: Callable[[torch.Tensor, int], torch.Tensor],
         seed: int,
         clip: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None,
     ):

@@ -49,7 +49,8 @@ def sample_inner_levels(
     return (lo + (hi - lo) * u).sort(descending=True).values
 
 
-def identity(s: torch.Tensor) -> torch.Tensor:
+def identity(s: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+    """No time shift (a shift takes the levels and the length of the schedule they belong to)."""
     return s
 
 
@@ -59,7 +60,7 @@ def sample_dynamic_schedule(
     level_range: tuple[float, float] = (0.25, 0.95),
     inner: Literal["uniform", "stratified"] = "uniform",
     inner_gen: torch.Generator | None = None,
-    shift: Callable[[torch.Tensor], torch.Tensor] = identity,
+    shift: Callable[[torch.Tensor, int], torch.Tensor] = identity,
     coverage: float = 0.0,
     coverage_gen: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -72,7 +73,8 @@ def sample_dynamic_schedule(
     needs n_max <= 2.
 
     Each inner level is a position u in [0, 1] (uniform or stratified) mapped to a noise level:
-    through the backbone's `shift` (`shift(lo + (hi - lo) u)`, the paper's schedule, dense near 1),
+    through the backbone's `shift(levels, n)` (`shift(lo + (hi - lo) u)`, the paper's schedule, dense near 1;
+    `n` because a family's shift may depend on the number of steps),
     or, with probability `coverage` per level (drawn from `coverage_gen`), linearly between the
     shifted ends (`shift(lo) + (shift(hi) - shift(lo)) u`), which reaches the low levels that
     many-step inference visits as often as the high ones.
@@ -86,9 +88,9 @@ def sample_dynamic_schedule(
         raise ValueError(f"coverage must lie in [0, 1], got {coverage}")
     n = sample_schedule_length(gen, length)
     u = sample_inner_levels(inner_gen if inner_gen is not None else gen, n - 1, (0.0, 1.0), inner)
-    levels = shift(lo + (hi - lo) * u).double()
+    levels = shift(lo + (hi - lo) * u, n).double()
     if coverage > 0 and n > 1:
-        ends = shift(torch.tensor([lo, hi], dtype=torch.float64)).double()
+        ends = shift(torch.tensor([lo, hi], dtype=torch.float64), n).double()
         linear = ends[0] + (ends[1] - ends[0]) * u
         mix_gen = coverage_gen if coverage_gen is not None else gen
         pick = torch.rand(n - 1, generator=mix_gen, device=mix_gen.device, dtype=torch.float64).cpu() < coverage

@@ -101,13 +101,16 @@ def levels_draw(clamp: tuple[float, float]) -> Callable[[torch.Generator, int], 
     return lambda gen, n: sample_levels(gen, n, clamp)
 
 
-def training_schedule(method: "MethodConfig", draws: Draws, shift: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def training_schedule(method: "MethodConfig", draws: Draws,
+                      shift: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:  # fmt: skip
     """The iteration's schedule in the levels the network sees: fixed, or drawn (one schedule for the whole
-    global batch, the same on every rank); `shift` is the backbone's time shift (unless the preset turns it off)."""
+    global batch, the same on every rank); `shift(levels, steps)` is the backbone's time shift for a schedule of
+    `steps` levels (unless the preset turns it off)."""
     sched = method.schedule
     shift = shift if sched.time_shift else identity
     if sched.kind == "fixed":
-        return shift(fixed_schedule(sched.levels)).double()
+        levels = fixed_schedule(sched.levels)
+        return shift(levels, len(levels)).double()
     return sample_dynamic_schedule(
         draws.shared("length"), sched.length, sched.level_range, sched.inner, inner_gen=draws.whole("levels"),
         shift=shift, coverage=sched.coverage, coverage_gen=draws.whole("coverage"),

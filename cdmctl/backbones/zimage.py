@@ -1,0 +1,245 @@
+"""Z-Image adapter: a `ZImagePipeline` (hub id or folder) behind the Backbone interface.
+
+The engine sees latents [B, 16, H/8, W/8], the layout the pipeline denoises; `velocity` hands the transformer what
+the pipeline does (a list of [16, 1, h, w] frames, the time `1 - s`, a list of each prompt's own-length caption
+features) and negates its output: Z-Image's transformer predicts `x0 - eps`, the opposite of the velocity.
+
+Text goes through the pipeline's own `encode_prompt` (Qwen3 chat template with thinking on, as the pipeline asks,
+512 tokens, the text encoder's second-to-last hidden state, padding dropped). Captions have their own lengths, so
+the conditioning holds them zero-padded to 512 with their lengths, and `velocity` cuts each one back.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from cdmctl.backbones.base import Conditioning
+from cdmctl.backbones.flow import decode_latents, scheduler_shift
+from cdmctl.backbones.loading import load_parts, resolve_dtype
+from cdmctl.errors import UserError
+
+PATCH = 2  # the transformer's 2x2 patches (its default patch_size)
+ENCODE_BATCH = 16  # prompts per text-encoder forward
+TEXT_TOKENS = 512  # the pipeline's max_sequence_length default
+
+
+class ZImageBackbone:
+    """Z-Image (`ZImagePipeline` folders; the CFG base model, not the Turbo student): Qwen3 text encoder,
+    variable-length captions, a single-stream transformer that predicts `x0 - eps` at time `1 - s`, flow matching
+    with the scheduler's shift (the pipeline passes mu for its dynamic shift; a static-shift config ignores it).
+
+    Conditioning: `cap_feats` [B, 512, text hidden] (each caption's features, zero-padded) and `cap_len` [B]
+    (int64).
+
+    CFG convention (stated once, here): the pipeline computes `cond + g (cond - uncond)` with its `guidance_scale` g
+    (CFG when g > 0), so the standard scale w (`uncond + w (cond - uncond)`, what the engine's teacher uses) is
+    `g + 1`: guidance off is g = 0, the pipeline's default g = 5 is w = 6. Conditional and unconditional run in one
+    batched call, conditional first; the negative prompt defaults to "". Its optional CFG normalisation and
+    truncation stay off (their defaults) and are not used in training.
+    """
+
+    family = "zimage"
+    pipeline_class = "ZImagePipeline"
+    display_name = "Z-Image"
+    example_id = "Tongyi-MAI/Z-Image"
+    builtin = "builtin:tiny-zimage"
+    unused_parts: tuple[str, ...] = ()
+
+    def __init__(self, parts: dict[str, Any], *, source: str, revision: str | None = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):  # fmt: skip
+        self.source, self.revision, self.dtype, self.device = source, revision, dtype, torch.device(device)
+        self.transformer: nn.Module = parts["transformer"]
+        self.vae = parts["vae"]
+        self.scheduler = parts["scheduler"]
+        self.text_encoder = parts["text_encoder"]
+        self.tokenizer = parts["tokenizer"]
+        self.vae_scale_factor: int = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def from_pretrained(cls, source: str, *, revision: str | None = None, dtype: torch.dtype | str = torch.float32,
+                        device: str | torch.device = "cpu", max_sequence_length: int | None = None) -> ZImageBackbone:  # fmt: skip
+        """Load every part from a hub id or a local folder onto `device` in `dtype`."""
+        if max_sequence_length is not None:
+            raise UserError(
+                "model.text_length does not apply to Z-Image: cdmctl encodes the pipeline's 512 text tokens",
+                "remove model.text_length from the preset (leave it null)",
+            )
+        dtype = resolve_dtype(dtype)
+        parts = load_parts(cls, source, revision=revision, dtype=dtype, device=device)
+        return cls(parts, source=source, revision=revision, dtype=dtype, device=device)
+
+    @staticmethod
+    def diffusers_pipeline() -> type:
+        try:
+            from diffusers import ZImagePipeline
+        except ImportError as e:
+            raise UserError("this diffusers has no ZImagePipeline", "upgrade diffusers: pip install -U diffusers") from e
+        return ZImagePipeline
+
+    # -- family traits (class-level: usable on a pipeline without loading the adapter) -------------
+
+    @staticmethod
+    def sampling_kwargs() -> dict[str, Any]:
+        """Nothing beyond the common arguments."""
+        return {}
+
+    @staticmethod
+    def teacher_sampling() -> dict[str, Any]:
+        """ZImagePipeline's own defaults: 50 steps at its guidance_scale 5, which is the standard scale 6."""
+        return {"num_inference_steps": 50, "guidance_scale": 6.0}
+
+    @staticmethod
+    def guidance_kwargs(scale: float) -> dict[str, Any]:
+        """The pipeline's `guidance_scale` is the standard scale minus one (see the class docstring)."""
+        return {"guidance_scale": float(scale) - 1.0}
+
+    @staticmethod
+    def student_scheduler(scheduler: Any) -> Any:
+        """The pipeline's own scheduler: training shifts levels exactly as it does."""
+        return scheduler
+
+    @staticmethod
+    def student_pipeline_config() -> dict[str, Any]:
+        """None: the family's pipeline has no flag for a few-step model."""
+        return {}
+
+    @staticmethod
+    def image_multiple(pipe: Any) -> int:
+        return pipe.vae_scale_factor * PATCH
+
+    @staticmethod
+    def scheduler_kwargs(pipe: Any, height: int, width: int, steps: int) -> dict[str, Any]:
+        """The pipeline passes mu (for the image's token count) to every set_timesteps call."""
+        return {"mu": image_mu(pipe.scheduler.config, pipe.vae_scale_factor, height, width)}
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Prompts -> `cap_feats` [B, 512, D] (zero-padded) and `cap_len` [B], as the pipeline encodes them.
+
+        The empty prompt gives the pipeline's default negative prompt ("").
+        """
+        if self.text_encoder is None:
+            raise RuntimeError(
+                "ZImageBackbone.encode_prompts called after release_text_encoders(); encode (and cache) every "
+                "prompt, including the empty one, before releasing the text encoder"
+            )
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("encode_prompts needs at least one prompt")
+        pipe = self._assemble(self.transformer, self.text_encoder)
+        features: list[torch.Tensor] = []
+        with torch.no_grad():
+            for i in range(0, len(prompts), ENCODE_BATCH):
+                chunk = list(prompts[i : i + ENCODE_BATCH])  # a copy: the pipeline rewrites the list in place
+                embeds, _ = pipe.encode_prompt(prompt=chunk, device=self.text_encoder.device,
+                                               do_classifier_free_guidance=False, max_sequence_length=TEXT_TOKENS)  # fmt: skip
+                features.extend(embeds)
+        return pad_captions(features)
+
+    def release_text_encoders(self) -> None:
+        """Drop the Qwen3 text encoder (4B parameters in Z-Image) and return its memory."""
+        self.text_encoder = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- latents and the denoiser ----------------------------------------------------------------
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(16, height / f, width / f) with f the VAE scale factor; sizes must be multiples of 2 f (the patches)."""
+        multiple = self.vae_scale_factor * PATCH
+        if height % multiple or width % multiple or height <= 0 or width <= 0:
+            raise UserError(
+                f"image size {height}x{width} does not fit this Z-Image model",
+                f"use a height and width that are positive multiples of {multiple}",
+            )
+        f = self.vae_scale_factor
+        return (self.transformer.config.in_channels, height // f, width // f)
+
+    def velocity(self, model: nn.Module, x: torch.Tensor, s: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """v [B, 16, h, w] of `model` (the transformer, a copy, or a peft/DDP/FSDP wrapper) at x [B, 16, h, w], s [B]."""
+        param_dtype = next(model.parameters()).dtype
+        s = torch.as_tensor(s, device=x.device)
+        if s.ndim == 0:
+            s = s.expand(x.shape[0])
+        # the pipeline's time: (1000 - t) / 1000 with the scheduler's float32 t = 1000 sigma
+        t = (1000 - s.float() * 1000) / 1000
+        frames = list(x.to(param_dtype).unsqueeze(2).unbind(0))
+        out = model(frames, t, unpad_captions(cond, param_dtype), return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)
+
+    def shift(self, s: torch.Tensor, height: int, width: int, steps: int | None = None) -> torch.Tensor:
+        """The levels ZImagePipeline's scheduler uses for unshifted levels s (any shape) at this size (any steps)."""
+        mu = image_mu(self.scheduler.config, self.vae_scale_factor, height, width)
+        return scheduler_shift(self.scheduler, s, mu, self.source)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, 16, h, w] -> images [B, 3, H, W] in [0, 1], float32, CPU."""
+        return decode_latents(self.vae, latents)
+
+    # -- training and export helpers -------------------------------------------------------------
+
+    def lora_target_modules(self) -> list[str]:
+        """Attention projections and the SwiGLU feed-forward of every block (the main layers and both refiners)."""
+        return ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
+                "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]  # fmt: skip
+
+    def block_classes(self) -> list[type[nn.Module]]:
+        from diffusers.models.transformers.transformer_z_image import (
+            ZImageTransformerBlock,
+        )
+
+        return [ZImageTransformerBlock]
+
+    def pipeline(self, transformer: nn.Module | None = None) -> Any:
+        """A ZImagePipeline sharing this backbone's parts, with `transformer` (unwrapped) in place. A released text
+        encoder is loaded again from `source` for this pipeline only."""
+        text_encoder = self.text_encoder
+        if text_encoder is None:
+            reloaded = load_parts(type(self), self.source, revision=self.revision, dtype=self.dtype,
+                                  device=self.device, skip=("transformer", "vae"))  # fmt: skip
+            text_encoder = reloaded["text_encoder"]
+        return self._assemble(self.transformer if transformer is None else transformer, text_encoder)
+
+    def _assemble(self, transformer: nn.Module, text_encoder: nn.Module) -> Any:
+        pipe = self.diffusers_pipeline()(scheduler=self.scheduler, vae=self.vae, text_encoder=text_encoder,
+                                         tokenizer=self.tokenizer, transformer=transformer)  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def pad_captions(features: Sequence[torch.Tensor], tokens: int = TEXT_TOKENS) -> Conditioning:
+    """Own-length caption features [L_i, D] -> `cap_feats` [B, tokens, D] zero-padded and `cap_len` [B] int64."""
+    feats = torch.zeros(len(features), tokens, features[0].shape[-1], dtype=features[0].dtype,
+                        device=features[0].device)  # fmt: skip
+    for i, f in enumerate(features):
+        feats[i, : f.shape[0]] = f
+    lengths = torch.tensor([f.shape[0] for f in features], dtype=torch.long, device=feats.device)
+    return Conditioning({"cap_feats": feats, "cap_len": lengths})
+
+
+def unpad_captions(cond: Conditioning, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The list of own-length caption features the transformer takes."""
+    feats, lengths = cond.tensors["cap_feats"], cond.tensors["cap_len"].tolist()
+    return [feats[i, :n].to(dtype) for i, n in enumerate(lengths)]
+
+
+def image_mu(config: Any, vae_scale_factor: int, height: int, width: int) -> float:
+    """mu as ZImagePipeline.__call__ computes it: calculate_shift of the image's token count with the scheduler
+    config's values (and the same fallbacks)."""
+    from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
+
+    cells = vae_scale_factor * PATCH
+    return calculate_shift(
+        (height // cells) * (width // cells),
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
