@@ -171,7 +171,7 @@ def distiller(cls: type[Distiller], setup: Setup, kind: str, resolution: int, ba
     return cls(
         setup.accelerator, setup.roles, preset.method, preset.optim, setup.student_opt, setup.fake_opt, setup.ema,
         make_batch=batch_maker(setup.bank, batch, latent, setup.accelerator.device),
-        shift=lambda s: setup.backbone.shift(s, resolution, resolution).to(s.device),
+        shift=lambda s, steps: setup.backbone.shift(s, resolution, resolution, steps).to(s.device),
         seed=preset.train.seed,
     )
 
@@ -223,7 +223,7 @@ def reference_student_loss(roles: Roles, method, batch: Batch, traj: Trajectory,
         x0_dm = student_x0(traj.xt, traj.s_t)
         terms.append(matching_term("dm", w.dm, method, batch, x0_dm, x0_dm, draws))
     if w.cdm:  # ... and a third, separate one at the CDM point
-        xe, se = cdm_point(method, traj, draws)
+        xe, se, _ = cdm_point(method, traj, draws)
         x0e = student_x0(xe, se)
         target = traj.final if method.cdm_target == "full-trajectory" else x0e
         terms.append(matching_term("cdm", w.cdm, method, batch, x0e, target, draws))

@@ -273,7 +273,7 @@ def measure(args: argparse.Namespace) -> None:
     distiller = Distiller(acc, roles, preset.method, preset.optim, student_opt, fake_opt, ema,
                           make_batch=batch_maker(RandomPromptBank(args.size), args.batch // acc.num_processes,
                                                  backbone.latent_shape(res, res), acc.device),
-                          shift=lambda s: backbone.shift(s, res, res).to(s.device), seed=0,
+                          shift=lambda s, steps: backbone.shift(s, res, res, steps).to(s.device), seed=0,
                           clip=grad_clipper(acc))  # fmt: skip
     for _ in range(2):
         distiller.iteration()

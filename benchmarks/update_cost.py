@@ -78,7 +78,7 @@ def distiller(preset_name: str, overrides: list[str], batch: int, seed: int) -> 
         return Batch(prompts.index(idx), toy.encode_prompts([""]).expand(batch), noise)
 
     return Distiller(OneProcess(), roles, preset.method, preset.optim, adamw(student, 1e-5, preset),
-                     adamw(fake, 1e-5, preset), None, make_batch, lambda s: toy.shift(s, 32, 32), seed)  # fmt: skip
+                     adamw(fake, 1e-5, preset), None, make_batch, lambda s, steps: toy.shift(s, 32, 32, steps), seed)  # fmt: skip
 
 
 def forward_equivalents(d: Distiller, updates: int, batch: int) -> float:

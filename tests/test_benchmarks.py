@@ -34,3 +34,23 @@ def test_one_gpu_memory_is_the_stated_bytes_per_parameter():
     adapter = 2 * 10  # twice the rank: twice the adapter
     assert lean["total"] == (4 + 2) * 1000 + 4 * adapter + 4 * 1000 + 8 * (1000 + adapter) + 4 * 1000
     assert scale_memory.one_gpu(s, "full", False, "adamw-8bit")["total"] == 10_000 + 4000 + 2 * 2000
+
+
+def run_benchmark(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_iteration_speed_runs_both_implementations_on_a_small_model(tmp_path):
+    out = tmp_path / "speed.md"
+    run_benchmark("benchmarks/iteration_speed.py", "--size", "small", "--warmup", "0", "--repeats", "1",
+                  "--batch", "1", "--verify", "--out", str(out))  # fmt: skip
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "reference-style" in line]
+    assert rows and all("x**" in row for row in rows)  # each reference row carries its ratio to ours
+
+
+def test_scale_memory_measures_one_cycle_of_the_engine_on_a_small_model():
+    result = run_benchmark("benchmarks/scale_memory.py", "--measure", "--size", "small", "--batch", "2")
+    row = __import__("json").loads(result.stdout.strip().splitlines()[-1])
+    assert row["model"] == "sd3-small" and row["host_peak_gib"] > 0
