@@ -161,6 +161,10 @@ class TBCMConfig(Section):
         16, ge=2, description="R: levels of the reference route, the teacher's own R-step schedule (its shift); each "
         "iteration draws one time per route interval and keeps R - 1 training points per prompt.",
     )
+    route_end: float = Field(
+        1e-3, gt=0, lt=1, description="1 / the teacher scheduler's num_train_timesteps: the route is its default "
+        "R-step schedule, shift(linspace(1, shift(route_end), R)), as diffusers' FlowMatchEulerDiscreteScheduler.",
+    )
     guidance: list[float] = Field(
         [4.0, 4.5, 5.0], min_length=1,
         description="Teacher CFG scales of the rollouts; each prompt draws one (all 1: no unconditional half).",

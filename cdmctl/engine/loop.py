@@ -1,7 +1,9 @@
-"""The distillation loop: per iteration one simulation, a student update every k-th, a fake-teacher update, EMA.
+"""The distillation loop: `train` repeats a method family's iteration and calls the hooks; the CDM family's iteration.
 
-Reads top to bottom: `Distiller.iteration` is one iteration, `train` repeats it and calls the hooks
-(log, samples, checkpoint) that the run layer provides. Optimizer steps go through accelerate.
+Reads top to bottom: `Distiller.iteration` is one iteration of the CDM family (one simulation, a student update
+every k-th, a fake-teacher update, EMA); TBCM's is `engine.tbcm.TBCMDistiller.iteration`. `train` runs either (an
+`Iterating`) and calls the hooks (log, samples, checkpoint) that the run layer provides. Optimizer steps go
+through accelerate (`optimizer_step`, shared by both families).
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ class Counters:
     nonfinite_streak: int = 0
 
 
+class Iterating(Protocol):
+    """What `train` needs of a method family's distiller (CDM's `Distiller`, TBCM's `TBCMDistiller`)."""
+
+    counters: Counters
+    cost: CostCounter
+
+    def iteration(self) -> dict[str, float | torch.Tensor]: ...
+    def state(self) -> dict[str, int]: ...
+
+
 class Hooks(Protocol):
     def log(self, record: dict[str, Any]) -> None: ...
     def sample(self, iteration: int) -> None: ...
@@ -53,6 +65,37 @@ class Cycle:
     batch: Batch
     levels: torch.Tensor
     points: list[Trajectory]
+
+
+def all_ranks_agree(accelerator: Any, flag: torch.Tensor) -> bool:
+    """True only if `flag` holds on every process (a lone rank skipping backward would hang DDP)."""
+    flag = flag.to(accelerator.device, torch.float32).reshape(1)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum") / accelerator.num_processes
+    return bool(flag.item() == 1.0)
+
+
+def optimizer_step(accelerator: Any, counters: Counters, loss: torch.Tensor, optimizer, params: list,
+                   lr: float | list[float], grad_clip: float) -> float | None:  # fmt: skip
+    """Backward, clip `params`, step; a non-finite loss or gradient skips the step (counted in `counters`).
+
+    `lr` is every parameter group's learning rate, or one per group. Returns the clipped norm, None if skipped.
+    """
+    finite = all_ranks_agree(accelerator, torch.isfinite(loss.detach()))
+    norm = None
+    if finite:
+        accelerator.backward(loss)
+        norm = accelerator.clip_grad_norm_(params, grad_clip)
+        finite = bool(torch.isfinite(norm))  # the clipped norm is already reduced over ranks
+    if finite:
+        rates = lr if isinstance(lr, list) else [lr] * len(optimizer.param_groups)
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    counters.nonfinite_streak = 0 if finite else counters.nonfinite_streak + 1
+    counters.nonfinite += 0 if finite else 1
+    return float(norm) if finite else None
 
 
 def warmup_lr(base: float, step: int, warmup: int) -> float:
@@ -158,28 +201,11 @@ class Distiller:
 
     def apply(self, loss: torch.Tensor, optimizer, module, lr: float) -> float | None:
         """Backward, clip, step; a non-finite loss or gradient skips the step (counted). Returns the norm."""
-        acc, c = self.accelerator, self.counters
-        finite = self.all_ranks_agree(torch.isfinite(loss.detach()))
-        norm = None
-        if finite:
-            acc.backward(loss)
-            norm = acc.clip_grad_norm_(trainable_parameters(module), self.optim.grad_clip)
-            finite = bool(torch.isfinite(norm))  # the clipped norm is already reduced over ranks
-        if finite:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        c.nonfinite_streak = 0 if finite else c.nonfinite_streak + 1
-        c.nonfinite += 0 if finite else 1
-        return float(norm) if finite else None
+        params = trainable_parameters(module)
+        return optimizer_step(self.accelerator, self.counters, loss, optimizer, params, lr, self.optim.grad_clip)
 
     def all_ranks_agree(self, flag: torch.Tensor) -> bool:
-        """True only if `flag` holds on every process (a lone rank skipping backward would hang DDP)."""
-        flag = flag.to(self.accelerator.device, torch.float32).reshape(1)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum") / self.accelerator.num_processes
-        return bool(flag.item() == 1.0)
+        return all_ranks_agree(self.accelerator, flag)
 
     def state(self) -> dict[str, int]:
         return asdict(self.counters)
@@ -212,7 +238,7 @@ def checkpoint_allowed(counters: Counters, final: bool) -> bool:
     return counters.nonfinite_streak == 0 or final
 
 
-def train(distiller: Distiller, schedule: Schedule, hooks: Hooks, batch_size: int) -> Counters:
+def train(distiller: Iterating, schedule: Schedule, hooks: Hooks, batch_size: int) -> Counters:
     """Run iterations until `schedule.total`, or until the hooks ask to stop; the hooks log, sample and checkpoint.
 
     A stop is honoured only between iterations, after a checkpoint of that iteration: the run layer turns
@@ -252,7 +278,7 @@ def train(distiller: Distiller, schedule: Schedule, hooks: Hooks, batch_size: in
     return distiller.counters
 
 
-def window_record(window: dict[str, list], distiller: Distiller, its: float, batch_size: int) -> dict:
+def window_record(window: dict[str, list], distiller: Iterating, its: float, batch_size: int) -> dict:
     """Means over the logging window, the counters, throughput, cumulative cost and memory."""
     record: dict[str, Any] = {**distiller.state()}
     record.update({k: float(sum(v) / len(v)) for k, v in window.items()})  # the window's one read-back

@@ -25,7 +25,8 @@ class Roles:
     """Student, teacher and fake teacher as velocity functions `(x, s, cond) -> v`.
 
     `student` and `fake` are the modules the optimizers own (possibly wrapped by accelerate);
-    `teacher` is frozen. `autocast` is the mixed-precision context of every forward.
+    `teacher` is frozen. `autocast` is the mixed-precision context of every forward. A family without a
+    fake teacher (TBCM) passes `fake=None`.
     """
 
     def __init__(
@@ -33,7 +34,7 @@ class Roles:
         backbone: Backbone,
         student: nn.Module,
         teacher: nn.Module,
-        fake: nn.Module,
+        fake: nn.Module | None,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         unwrap: Callable[[nn.Module], nn.Module] = lambda m: m,
     ):
@@ -50,6 +51,10 @@ class Roles:
 
     def student(self, x: torch.Tensor, s: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self._velocity(self.student_module, x, s, cond)
+
+    def student_unwrapped(self, x: torch.Tensor, s: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The student without accelerate's DDP wrapper: torch.func transforms have no rule for its hooks."""
+        return self._velocity(self.unwrap(self.student_module), x, s, cond)
 
     @torch.no_grad()
     def teacher(self, calls: Sequence[Call]) -> list[torch.Tensor]:
@@ -68,7 +73,7 @@ class Roles:
     @torch.no_grad()
     def merge_student_into_fake(self, decay: float) -> None:
         """theta_F <- m theta_F + (1 - m) theta_G over the trainable parameters both share."""
-        if decay >= 1.0:
+        if decay >= 1.0 or self.fake_module is None:
             return
         student = dict(self.unwrap(self.student_module).named_parameters())
         pairs = [(p, student[n]) for n, p in self.unwrap(self.fake_module).named_parameters() if p.requires_grad]
@@ -78,7 +83,8 @@ class Roles:
 
     def train_mode(self, student: bool, fake: bool) -> None:
         self.student_module.train(student)
-        self.fake_module.train(fake)
+        if self.fake_module is not None:
+            self.fake_module.train(fake)
 
 
 def batched(fn: Callable, calls: Sequence[Call]) -> list[torch.Tensor]:
