@@ -45,6 +45,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cdm-paper-schedule": ("CDM, paper schedule (coverage 0, [0.05, 0.95] uniform)",
                            ["method.schedule.coverage=0", "method.schedule.level_range=[0.05,0.95]",
                             "method.schedule.inner=uniform"]),
+    # the shipped schedule's neighbours: less coverage (more levels through the shift, near 1), shorter schedules
+    "cdm-coverage0.92": ("CDM, coverage 0.92", ["method.schedule.coverage=0.92"]),
+    "cdm-coverage0.85": ("CDM, coverage 0.85", ["method.schedule.coverage=0.85"]),
+    "cdm-length12": ("CDM, schedule length [1, 12]", ["method.schedule.length=[1,12]"]),
     "cdm-coupled": ("CDM, coupled teacher level (sc = se)", ["method.cdm_teacher_level=coupled"]),
     "cdm-ttur5": ("CDM, ttur ratio 5 (the pre-0.2 demo's)", ["method.ttur_ratio=5"]),
     # cheaper and leaner iterations (the performance issue): one simulation per TTUR cycle; a LoRA fake teacher
@@ -168,6 +172,7 @@ def markdown(report: dict) -> str:
         f"model (std 0). Precision radius tau = {report['tau']:.3f} RMS. Wall time {report['wall_seconds'] / 60:.1f} min "
         f"on {report['settings']['jobs']} parallel jobs ({report['machine']}).",
         "",
+        *([report["note"], ""] if report.get("note") else []),
     ]
     teacher_rows = [(f"teacher, guidance 1", "teacher-g1"), (f"teacher, guidance {guidance:g}", f"teacher-g{guidance:g}")]
     for metric in ("precision", "coverage", "mmd2", "adherence"):
@@ -245,6 +250,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="runs.jsonl of an earlier cut-off run: its finished jobs are kept, not redone (repeatable)")
     p.add_argument("--from-runs", type=Path, default=None, help="only write the report from a runs.jsonl file")
     p.add_argument("--wall-seconds", type=float, default=0.0, help="with --from-runs: the wall time to report")
+    p.add_argument("--note", default="", help="a paragraph for the report (e.g. how its runs were made)")
     return p.parse_args(argv)
 
 
@@ -329,6 +335,7 @@ def write_report(args, argv, results, iterations, demo, guidance, seconds) -> di
                      "jobs": args.jobs, "guidance": guidance, "distill_guidance": demo.method.guidance,
                      "extra_overrides": args.extra,
                      "overrides": {v: VARIANTS[v][1] for v in args.variants}},  # fmt: skip
+        "note": args.note,
         "ground_truth_prompts": gt.num_prompts,
         "tau": metrics.default_tau(gt),
         "noise_floor": {k: list(v) for k, v in floor.items()},

@@ -107,6 +107,22 @@ def export(
     console.print(f"[bold green]exported[/] {escape(str(folder))}", soft_wrap=True, highlight=False)
     console.print(f"  load with: DiffusionPipeline.from_pretrained({str(folder)!r})", soft_wrap=True,
                   highlight=False, markup=False)  # fmt: skip
+    for line in _unused_parts_note(folder):
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
+def _unused_parts_note(folder) -> list[str]:
+    """Parts of the exported family that cdmctl does not load (LongCat: text_processor), and how to skip them."""
+    from cdmctl.backbones import adapter_class
+    from cdmctl.export import read_info
+
+    family = read_info(folder).get("backbone")
+    parts = adapter_class(family).unused_parts if family else ()
+    if not parts:
+        return []
+    skip = ", ".join(f"{p}=None" for p in parts)
+    return [f"  {', '.join(parts)} (copied from the base, unused by cdmctl) may need extra packages; pass {skip} to "
+            "leave it out"]
 
 
 @app.command()
@@ -132,8 +148,12 @@ def generate(
         bool, typer.Option("--compare-teacher", help="Also sample the base model; write a side-by-side sheet.")
     ] = False,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher model (default: the student's base model).")] = None,
-    teacher_steps: Annotated[int, typer.Option(help="Teacher sampling steps.")] = 28,
-    teacher_guidance: Annotated[float, typer.Option(help="Teacher guidance scale.")] = 7.0,
+    teacher_steps: Annotated[
+        Optional[int], typer.Option(help="Teacher sampling steps (default: its pipeline's own, SD3 28).")
+    ] = None,
+    teacher_guidance: Annotated[
+        Optional[float], typer.Option(help="Teacher guidance scale (default: its pipeline's own, SD3 7).")
+    ] = None,
 ) -> None:
     """Sample a few-step student: PNGs with their settings in the metadata, plus a contact sheet."""
     from cdmctl.generate import check_device, check_steps, expand, parse_sigmas

@@ -20,6 +20,7 @@ from cdmctl.outputs import check_not_file, reporting_disk_full
 INFO_FILE = "cdmctl.json"
 INFO_FORMAT = 1
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default name for load_lora_weights
+LORA_PREFIX = "transformer"  # the pipeline component a LoRA file's keys belong to
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 PEFT_PREFIX = "base_model.model."  # keys of a PeftModel-wrapped transformer carry this prefix
@@ -219,6 +220,7 @@ def export_run(
             else:
                 pipe, _ = student_pipeline(ckpt, ema=ema, dtype=torch_dtype, verified=manifest)
                 pipe.save_pretrained(str(tmp), safe_serialization=True)
+                copy_unused_parts(manifest, tmp)
             kind = "lora" if lora_only else "pipeline"
             info = export_info(run_dir, ckpt, manifest, which, DTYPE_NAMES[torch_dtype], kind)
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
@@ -256,36 +258,55 @@ def replace_folder(tmp: Path, out: Path) -> None:
 
 
 def write_lora(folder: Path, weights: dict[str, torch.Tensor], manifest: dict[str, Any], dtype: torch.dtype) -> None:
-    """The adapter in diffusers' LoRA format, with its LoraConfig as metadata (so alpha survives)."""
-    pipeline_class = base_pipeline_class(manifest)
+    """The adapter in diffusers' LoRA format (keys and LoraConfig metadata under `transformer.`, as a pipeline's
+    save_lora_weights writes them), so that alpha survives. Written by diffusers' own writer for every family:
+    `pipe.transformer.load_lora_adapter(folder, prefix="transformer")` loads it on any base, and pipelines with
+    a LoRA loader (SD3) also take `pipe.load_lora_weights(folder)`."""
+    from diffusers.loaders.lora_base import LoraBaseMixin
+
     state = {k: v.to(dtype) for k, v in adapter_state(weights).items()}
     config = lora_config_from(state, manifest.get("lora")).to_dict()
-    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    metadata = {f"{LORA_PREFIX}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()}
     folder.mkdir(parents=True)
-    pipeline_class.save_lora_weights(
-        str(folder), transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata,
-        weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
-    )
+    LoraBaseMixin.write_lora_layers(
+        state_dict=LoraBaseMixin.pack_weights(state, LORA_PREFIX), save_directory=str(folder), is_main_process=True,
+        weight_name=LORA_WEIGHT_NAME, save_function=None, safe_serialization=True, lora_adapter_metadata=metadata,
+    )  # fmt: skip
 
 
-def base_pipeline_class(manifest: dict[str, Any]) -> Any:
-    """The base model's pipeline class, read from its model_index.json (no weights are loaded)."""
-    import diffusers
+def copy_unused_parts(manifest: dict[str, Any], folder: Path) -> None:
+    """Parts of the base pipeline that cdmctl never loads (the family's `unused_parts`, e.g. LongCat's text
+    processor) are copied from the base model as they are, so that the export is as complete as the base."""
+    from cdmctl.backbones import adapter_class
 
-    source = manifest["base_model"]
-    if str(source).startswith("builtin:"):
-        from cdmctl.backbones import resolve_source
+    parts = adapter_class(manifest["backbone"]).unused_parts
+    if not parts:
+        return
+    base, index = base_folder(manifest, parts), folder / "model_index.json"
+    base_index, ours = json.loads((base / "model_index.json").read_text()), json.loads(index.read_text())
+    for part in parts:
+        entry = base_index.get(part)
+        if not (isinstance(entry, list) and entry[0] is not None and (base / part).is_dir()):
+            continue
+        shutil.copytree(base / part, folder / part, dirs_exist_ok=True)
+        ours[part] = entry
+    index.write_text(json.dumps(ours, indent=2, sort_keys=True) + "\n")
 
-        source = str(resolve_source(source))
+
+def base_folder(manifest: dict[str, Any], parts: tuple[str, ...]) -> Path:
+    """The base model as a local folder holding `parts` (a hub model: the hub cache's snapshot of them)."""
+    from cdmctl.backbones import resolve_source
+
+    source = resolve_source(str(manifest["base_model"]))
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
     try:
-        config = diffusers.DiffusionPipeline.load_config(source, revision=manifest.get("revision"))
-    except Exception as exc:  # noqa: BLE001 - any hub/folder failure gets the same advice
+        patterns = ["model_index.json", *(f"{part}/*" for part in parts)]
+        return Path(snapshot_download(source, revision=manifest.get("revision"), allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001 - any hub failure gets the same advice
         raise UserError(f"cannot read the base model {source}: {exc}", "check that it is reachable") from exc
-    cls = getattr(diffusers, config.get("_class_name", ""), None)
-    if cls is None or not hasattr(cls, "save_lora_weights"):
-        name = config.get("_class_name")
-        raise UserError(f"the base model's pipeline {name} has no LoRA support", "export merged weights instead")
-    return cls
 
 
 def export_info(
@@ -293,12 +314,13 @@ def export_info(
 ) -> dict[str, Any]:
     """The contents of cdmctl.json: how to sample this student and where it came from."""
     from cdmctl import __version__
+    from cdmctl.backbones import adapter_class
 
     preset = manifest.get("preset") or {}
     steps, levels = inference_levels(preset)
     sampler = sampler_of(preset)
-    usage = ("pipe(prompt, sigmas=levels, guidance_scale=1.0[, max_sequence_length=...]); the levels are unshifted: "
-             "the pipeline's scheduler applies the model's time shift to them, as in training")
+    usage = ("pipe(prompt, sigmas=levels, guidance_scale=1.0, **pipeline_kwargs[, max_sequence_length=...]); the "
+             "levels are unshifted: the pipeline's scheduler applies the model's time shift to them, as in training")
     if sampler == "consistency":
         usage += ("; the scheduler's stochastic_sampling (sCM's consistency sampler) draws its fresh noise from "
                   "torch's global generator, which the pipeline's generator= does not seed: torch.manual_seed(...) first")
@@ -314,6 +336,8 @@ def export_info(
         "sampler": sampler,
         "usage": usage,
         "guidance_scale": 1.0,
+        # the family's own call arguments (LongCat: prompt rewriting off, as in training)
+        "pipeline_kwargs": adapter_class(manifest["backbone"]).sampling_kwargs(),
         # the long text encoder's token count in training (SD3: T5); pass it to the pipeline when set
         "max_sequence_length": (preset.get("model") or {}).get("text_length"),
         "resolution": (preset.get("model") or {}).get("resolution"),

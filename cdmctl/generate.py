@@ -43,6 +43,8 @@ class Student:
     base_model: str | None = None  # the teacher, for --compare-teacher
     revision: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # the family adapter class of the pipeline (its class-level sampling traits), None for other pipelines
+    adapter: Any = None
 
     @property
     def device(self) -> torch.device:
@@ -72,13 +74,19 @@ class Student:
             return list(self.levels)
         return [1.0 - i / steps for i in range(steps)]
 
-    def shifted(self, levels: Sequence[float]) -> list[float] | None:
-        """The levels after the scheduler's time shift (what the transformer sees); None if dynamic."""
+    def shifted(self, levels: Sequence[float], size: tuple[int, int] | None = None) -> list[float] | None:
+        """The levels after the scheduler's time shift at this image size (what the transformer sees), set as the
+        family's pipeline sets them; None for a dynamic shift of a pipeline of no known family."""
         config = self.pipe.scheduler.config
-        if config.get("use_dynamic_shifting"):
-            return None  # depends on the image size; the pipeline computes it per call
+        height, width = size or self.image_size()
+        if self.adapter is not None:
+            extra = self.adapter.scheduler_kwargs(self.pipe, height, width)
+        elif config.get("use_dynamic_shifting"):
+            return None  # depends on the image size in a way only the pipeline knows
+        else:
+            extra = {}
         scheduler = type(self.pipe.scheduler).from_config(config)
-        scheduler.set_timesteps(sigmas=list(levels), device="cpu")
+        scheduler.set_timesteps(sigmas=list(levels), device="cpu", **extra)
         return [round(float(s), 6) for s in scheduler.sigmas[:-1]]
 
     def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
@@ -86,7 +94,10 @@ class Student:
         pipe = self.pipe
         default = self.resolution or getattr(pipe, "default_sample_size", 64) * getattr(pipe, "vae_scale_factor", 8)
         height, width = int(height or default), int(width or default)
-        multiple = getattr(pipe, "vae_scale_factor", 8) * (getattr(pipe, "patch_size", None) or 1)
+        if self.adapter is not None:
+            multiple = self.adapter.image_multiple(pipe)
+        else:
+            multiple = getattr(pipe, "vae_scale_factor", 8) * (getattr(pipe, "patch_size", None) or 1)
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise UserError(f"image size {height}x{width} does not fit this model", f"use multiples of {multiple}")
         return height, width
@@ -128,14 +139,25 @@ class Student:
         shape, so pixels may differ by a few levels between batch sizes (5/255 seen on an H100).
         `progress(n)` is called after each batch with the number of images it made.
         """
-        settings = {"sigmas": self.schedule(steps, sigmas), "guidance_scale": 1.0, **self.text_kwargs()}
+        settings = {"sigmas": self.schedule(steps, sigmas), "guidance_scale": 1.0, **self.call_kwargs()}
         return run_pipeline(self.pipe, prompts, seeds, settings, self.image_size(height, width), batch_size, progress)
+
+    def call_kwargs(self) -> dict[str, Any]:
+        """What every call of this pipeline passes besides the schedule and guidance, student and teacher alike:
+        the family's own arguments (LongCat: prompt rewriting off) and the text length as in training."""
+        extra = dict(self.adapter.sampling_kwargs()) if self.adapter is not None else {}
+        return {**extra, **self.text_kwargs()}
 
     def text_kwargs(self) -> dict[str, int]:
         """`max_sequence_length` as in training, for pipelines that take it (SD3, Flux)."""
         if self.max_sequence_length and "max_sequence_length" in inspect.signature(self.pipe.__call__).parameters:
             return {"max_sequence_length": int(self.max_sequence_length)}
         return {}
+
+    def teacher_defaults(self) -> dict[str, Any]:
+        """The base model's own many-step settings (steps and guidance of its family's pipeline)."""
+        defaults = {"num_inference_steps": 28, "guidance_scale": 7.0}
+        return {**defaults, **(self.adapter.teacher_sampling() if self.adapter is not None else {})}
 
 
 def run_pipeline(
@@ -300,29 +322,43 @@ def open_model(
 
 
 def _student(pipe: Any, model: str, info: dict[str, Any]) -> Student:
+    from cdmctl.backbones import adapter_for_pipeline
+
     steps, levels = info.get("steps") or DEFAULT_STEPS, info.get("levels")
     if levels and len(levels) != steps:
         levels = None
     return Student(
         pipe=pipe, model=model, steps=int(steps), levels=levels, resolution=info.get("resolution"),
         max_sequence_length=info.get("max_sequence_length"), base_model=info.get("base_model"),
-        revision=info.get("revision"), info=info,
+        revision=info.get("revision"), info=info, adapter=adapter_for_pipeline(type(pipe).__name__),
     )  # fmt: skip
 
 
-def _from_pipeline(source: str, info: dict[str, Any], dtype: torch.dtype, model: str) -> Student:
+def load_pipeline(source: str, dtype: torch.dtype, revision: str | None = None) -> Any:
+    """Any diffusers pipeline folder or hub id, without the parts its family never uses (LongCat: the text
+    processor, which only prompt rewriting needs and which needs torchvision to load)."""
     from diffusers import DiffusionPipeline
 
+    from cdmctl.backbones import adapter_for_pipeline
+
+    index = DiffusionPipeline.load_config(source, revision=revision)
+    adapter = adapter_for_pipeline(index.get("_class_name"))
+    unused = {part: None for part in (adapter.unused_parts if adapter is not None else ())}
+    return DiffusionPipeline.from_pretrained(source, revision=revision, **unused, **dtype_kwarg(dtype))
+
+
+def _from_pipeline(source: str, info: dict[str, Any], dtype: torch.dtype, model: str) -> Student:
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwarg(dtype))
+        pipe = load_pipeline(source, dtype)
     except Exception as exc:  # noqa: BLE001 - diffusers raises many types for a bad folder or id
         raise UserError(f"cannot load {source} as a diffusers pipeline: {exc}", "check the folder or hub id") from exc
     return _student(pipe, model, info)
 
 
 def _from_lora(source: str, info: dict[str, Any], dtype: torch.dtype, model: str) -> Student:
-    """A `--lora-only` export: the base model named in cdmctl.json plus the adapter."""
-    from diffusers import DiffusionPipeline
+    """A `--lora-only` export: the base model named in cdmctl.json plus the adapter (on its transformer, the
+    one way every family's pipeline takes it)."""
+    from cdmctl.export import LORA_PREFIX, LORA_WEIGHT_NAME
 
     base = info.get("base_model")
     if not base:
@@ -332,8 +368,8 @@ def _from_lora(source: str, info: dict[str, Any], dtype: torch.dtype, model: str
 
         base = str(resolve_source(base))
     try:
-        pipe = DiffusionPipeline.from_pretrained(base, revision=info.get("revision"), **dtype_kwarg(dtype))
-        pipe.load_lora_weights(source)
+        pipe = load_pipeline(base, dtype, revision=info.get("revision"))
+        pipe.transformer.load_lora_adapter(source, prefix=LORA_PREFIX, weight_name=LORA_WEIGHT_NAME)
     except Exception as exc:  # noqa: BLE001
         fix = "check that the base model is reachable"
         raise UserError(f"cannot load the LoRA {source} on {base}: {exc}", fix) from exc
@@ -382,14 +418,15 @@ def sample_teacher(
     seeds: Sequence[int],
     *,
     teacher: str | None = None,
-    steps: int = 28,
-    guidance: float = 7.0,
+    steps: int | None = None,
+    guidance: float | None = None,
     height: int | None = None,
     width: int | None = None,
     batch_size: int = 4,
     progress: Callable[[int], None] | None = None,
 ) -> list[Any]:
-    """The base model's images for the same prompts and seeds (its own schedule, `steps`, `guidance`).
+    """The base model's images for the same prompts and seeds (its own schedule, `steps`, `guidance`; by default
+    its family's own settings, e.g. 28 steps at guidance 7 for SD3).
 
     Only the teacher's transformer is loaded; the text encoders, VAE and scheduler are the student's.
     """
@@ -412,7 +449,11 @@ def sample_teacher(
                   "scheduler": deterministic_scheduler(pipe.scheduler)}  # fmt: skip
     teacher_pipe = type(pipe)(**components)
     # Same prompt encoding as the student (and as the teacher saw in training).
-    settings = dict(num_inference_steps=int(steps), guidance_scale=float(guidance), **student.text_kwargs())
+    settings = {**student.teacher_defaults(), **student.call_kwargs()}
+    if steps is not None:
+        settings["num_inference_steps"] = int(steps)
+    if guidance is not None:
+        settings["guidance_scale"] = float(guidance)
     return run_pipeline(teacher_pipe, prompts, seeds, settings, student.image_size(height, width), batch_size, progress)
 
 
@@ -515,8 +556,8 @@ def generate(
     dtype: str | None = None,
     compare_teacher: bool = False,
     teacher: str | None = None,
-    teacher_steps: int = 28,
-    teacher_guidance: float = 7.0,
+    teacher_steps: int | None = None,
+    teacher_guidance: float | None = None,
     progress: bool = True,
 ) -> GenerateResult:
     """`cdmctl generate`: sample the student, write PNGs + grid (+ teacher images and a comparison sheet)."""
@@ -526,10 +567,9 @@ def generate(
     size = student.image_size(height, width)
     out = Path(out)
     settings = {
-        "model": student.model, "steps": len(levels), "sigmas": levels, "shifted_sigmas": student.shifted(levels),
-        "guidance_scale": 1.0, "height": size[0], "width": size[1], "sampler": student.sampler,
-        "generator": "cdmctl",
-        **student.text_kwargs(),
+        "model": student.model, "steps": len(levels), "sigmas": levels,
+        "shifted_sigmas": student.shifted(levels, size), "guidance_scale": 1.0, "height": size[0], "width": size[1],
+        "sampler": student.sampler, "generator": "cdmctl", **student.call_kwargs(),
     }  # fmt: skip
     with _progress(progress, len(all_prompts), "student") as advance:
         images = student.sample(all_prompts, seeds, sigmas=levels, height=size[0], width=size[1],
@@ -542,10 +582,12 @@ def generate(
                 student, all_prompts, seeds, teacher=teacher, steps=teacher_steps, guidance=teacher_guidance,
                 height=size[0], width=size[1], batch_size=batch_size, progress=advance,
             )  # fmt: skip
+        defaults = student.teacher_defaults()
         teacher_settings = {
-            "model": teacher or student.base_model, "steps": teacher_steps, "guidance_scale": teacher_guidance,
+            "model": teacher or student.base_model, "steps": teacher_steps or defaults["num_inference_steps"],
+            "guidance_scale": defaults["guidance_scale"] if teacher_guidance is None else teacher_guidance,
             "height": size[0], "width": size[1], "sampler": "pipeline default", "generator": "cdmctl",
-            **student.text_kwargs(),
+            **student.call_kwargs(),
         }  # fmt: skip
         write_images(teacher_images, all_prompts, seeds, teacher_settings, out / "teacher")
         compare = write_comparison(images, teacher_images, out / COMPARE_FILE)

@@ -17,6 +17,7 @@ SHIPPED = sorted(builtin_presets())
 
 def test_all_expected_presets_ship():
     assert {"demo", "sd3-4nfe", "sd3-cdm-fixed", "sd3-ddmd", "sd3-dmd2"} <= set(SHIPPED)
+    assert {"longcat-4nfe", "longcat-cdm-fixed", "longcat-ddmd", "longcat-dmd2", "sd35m-4nfe", "sd35l-4nfe"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -42,12 +43,39 @@ def test_paper_recipe_defaults():
     assert p.inference.schedule() == [1.0, 0.75, 0.5, 0.25]
 
 
+def test_longcat_recipe():
+    """The paper's LongCat recipe (LoRA 64/128, batch 64) with the CDM reference config's numbers (preset header)."""
+    p = load_preset("longcat-4nfe")
+    assert (p.model.backbone, p.model.pretrained, p.model.resolution) == ("longcat", "meituan-longcat/LongCat-Image", 1024)
+    assert p.model.train == "lora" and (p.model.lora.rank, p.model.lora.alpha, p.model.lora.targets) == (64, 128.0, None)
+    assert p.model.text_length is None and p.model.precision == "bf16" and p.model.gradient_checkpointing
+    m, o = p.method, p.optim
+    assert (m.name, m.guidance, m.ttur_ratio, m.merge_decay, m.level_clamp) == ("cdm", 7.0, 2, 0.999, (0.02, 0.98))
+    assert (m.schedule.level_range, m.schedule.inner, m.schedule.coverage) == ((0.05, 0.98), "stratified", 1.0)
+    assert (o.student_lr, o.fake_lr, o.weight_decay, o.warmup_steps, o.ema) == (1e-5, 5e-6, 1e-4, 100, True)
+    assert (p.train.batch_size, p.train.iterations) == (64, 2000)
+    for name in ("longcat-cdm-fixed", "longcat-ddmd", "longcat-dmd2"):  # the same recipe, other losses
+        other = load_preset(name)
+        assert (other.model, other.optim, other.train) == (p.model, p.optim, p.train), name
+
+
+@pytest.mark.parametrize("name, model_id, guidance", [("sd35m-4nfe", "stabilityai/stable-diffusion-3.5-medium", 4.5),
+                                                      ("sd35l-4nfe", "stabilityai/stable-diffusion-3.5-large", 3.5)])
+def test_sd35_presets_use_the_sd3_adapter_with_the_sd3_medium_recipe(name, model_id, guidance):
+    p, sd3 = load_preset(name), load_preset("sd3-4nfe")
+    assert (p.model.backbone, p.model.pretrained, p.model.resolution, p.method.guidance) == ("sd3", model_id, 1024, guidance)
+    assert (p.optim, p.train, p.method.schedule) == (sd3.optim, sd3.train, sd3.method.schedule)
+
+
 @pytest.mark.parametrize(
     "name, method, kind, losses",
     [
         ("sd3-cdm-fixed", "cdm-fixed", "fixed", (1, 1, 1, 0)),
         ("sd3-ddmd", "ddmd", "fixed", (1, 1, 0, 0)),
         ("sd3-dmd2", "dmd2", "fixed", (0, 0, 0, 1)),
+        ("longcat-cdm-fixed", "cdm-fixed", "fixed", (1, 1, 1, 0)),
+        ("longcat-ddmd", "ddmd", "fixed", (1, 1, 0, 0)),
+        ("longcat-dmd2", "dmd2", "fixed", (0, 0, 0, 1)),
     ],
 )
 def test_baseline_presets(name, method, kind, losses):
@@ -104,8 +132,27 @@ def test_presets_list_and_show_render(monkeypatch):
     assert "level_clamp: [0.02, 0.98]  # [s_min, s_max]" in shown.output
 
 
-# the time shift each shipped preset's teacher samples with (SD3-Medium's scheduler: 3; the proving ground's toy: 6)
-PRESET_SHIFT = {"demo": 6.0, "sd3-4nfe": 3.0}
+def static_shift(k: float):
+    return lambda s: k * s / (1 + (k - 1) * s)
+
+
+def longcat_shift(resolution: int):
+    """The LongCat adapter's own shift at `resolution` px: the tiny pipeline's scheduler config, which holds the
+    dynamic-shift values LongCatImagePipeline falls back to (mu from the packed sequence length)."""
+    from cdmctl.backbones.flow import scheduler_shift
+    from cdmctl.backbones.longcat import image_mu
+    from cdmctl.backbones.tiny_longcat import tiny_longcat_scheduler
+
+    scheduler = tiny_longcat_scheduler()
+    mu = image_mu(scheduler.config, 8, resolution, resolution)
+    return lambda s: scheduler_shift(scheduler, s, mu, "tiny")
+
+
+# the time shift each shipped preset's teacher samples with at its resolution (SD3-Medium's and SD3.5's scheduler:
+# 3; the proving ground's toy: 6; LongCat-Image: the dynamic shift at 1024 px, mu = 1.15)
+PRESET_SHIFT = {"demo": lambda: static_shift(6.0), "sd3-4nfe": lambda: static_shift(3.0),
+                "sd35m-4nfe": lambda: static_shift(3.0), "sd35l-4nfe": lambda: static_shift(3.0),
+                "longcat-4nfe": lambda: longcat_shift(1024)}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_SHIFT))
@@ -116,11 +163,12 @@ def test_dynamic_presets_train_at_the_levels_1_to_8_step_inference_visits(name):
     from cdmctl.engine.rng import generator
     from cdmctl.engine.schedules import sample_dynamic_schedule
 
-    sched, k = load_preset(name).method.schedule, PRESET_SHIFT[name]
+    preset = load_preset(name)
+    sched, shift = preset.method.schedule, PRESET_SHIFT[name]()
     assert sched.kind == "dynamic" and sched.time_shift
-
-    def shift(s):
-        return k * s / (1 + (k - 1) * s)
+    if name == "longcat-4nfe":
+        assert preset.model.resolution == 1024
+        assert float(shift(torch.tensor(0.5))) == pytest.approx(3.1582 / 4.1582, abs=1e-4)  # about shift e^1.15
 
     levels = torch.cat([
         sample_dynamic_schedule(generator(0, i, "length"), sched.length, sched.level_range, sched.inner,

@@ -6,44 +6,72 @@ Importing this package is cheap: adapters (and torch, diffusers) are imported wh
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from cdmctl.backbones.tiny import BUILTINS, ensure_builtin, register_builtin
 from cdmctl.errors import UserError
 
 if TYPE_CHECKING:
     from cdmctl.backbones.base import Backbone
 
 BUILTIN_PREFIX = "builtin:"
+_FROM_TINY = ("BUILTINS", "ensure_builtin", "register_builtin")
 
-# family -> loader with SD3Backbone.from_pretrained's signature, or its "module:attr.path" (imported on use).
-FAMILIES: dict[str, str | Callable[..., Any]] = {
-    "sd3": "cdmctl.backbones.sd3:SD3Backbone.from_pretrained",
+
+def __getattr__(name: str) -> Any:
+    """The built-in model registry lives in `tiny`, imported on first use (so that `python -m
+    cdmctl.backbones.tiny` runs a module that is not imported yet)."""
+    if name in _FROM_TINY:
+        from cdmctl.backbones import tiny
+
+        return getattr(tiny, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+# family -> its adapter class (with SD3Backbone's class-level traits and `from_pretrained`), or the class's
+# "module:Class" path, imported on use.
+FAMILIES: dict[str, str | type] = {
+    "sd3": "cdmctl.backbones.sd3:SD3Backbone",
+    "longcat": "cdmctl.backbones.longcat:LongCatBackbone",
 }
 
 
-def register_family(name: str, loader: str | Callable[..., Any]) -> None:
-    """Add a family: `loader(source, *, revision, dtype, device)` -> Backbone, or its "module:attr.path"."""
-    FAMILIES[name] = loader
+def register_family(name: str, adapter: str | type) -> None:
+    """Add a family: its adapter class (the Backbone protocol, traits class-level), or its "module:Class" path."""
+    FAMILIES[name] = adapter
 
 
-def _loader(family: str) -> Callable[..., Any]:
+def adapter_class(family: str) -> type:
+    """The adapter class of `family`; UserError naming the known families otherwise."""
     if family not in FAMILIES:
         raise UserError(f"unknown model family '{family}'", f"use one of: {', '.join(sorted(FAMILIES))}")
-    loader = FAMILIES[family]
-    if isinstance(loader, str):
-        module, _, attrs = loader.partition(":")
-        loader = importlib.import_module(module)
+    adapter = FAMILIES[family]
+    if isinstance(adapter, str):
+        module, _, attrs = adapter.partition(":")
+        adapter = importlib.import_module(module)
         for attr in attrs.split("."):
-            loader = getattr(loader, attr)
-    return loader
+            adapter = getattr(adapter, attr)
+    return adapter
+
+
+def family_for_pipeline(pipeline_class: str | None) -> str | None:
+    """The family whose folders hold `pipeline_class` (a diffusers pipeline class name), or None."""
+    for name in FAMILIES:
+        if pipeline_class and getattr(adapter_class(name), "pipeline_class", None) == pipeline_class:
+            return name
+    return None
+
+
+def adapter_for_pipeline(pipeline_class: str | None) -> type | None:
+    """The adapter class of `pipeline_class`'s family (its sampling traits), or None for other pipelines."""
+    family = family_for_pipeline(pipeline_class)
+    return adapter_class(family) if family else None
 
 
 def resolve_source(source: str) -> str:
     """`builtin:<name>` -> the cached folder of that built-in model (built on first use); anything else unchanged."""
     if not source.startswith(BUILTIN_PREFIX):
         return source
+    from cdmctl.backbones.tiny import ensure_builtin
+
     return str(ensure_builtin(source[len(BUILTIN_PREFIX) :]))
 
 
@@ -52,17 +80,20 @@ def load_backbone(family: str, source: str, *, revision: str | None = None, dtyp
     """Load the `family` adapter from `source` (hub id, folder or `builtin:<name>`).
 
     `dtype` is a torch.dtype or its name ("float32", "bfloat16", "bf16", ...). Extra keyword arguments go to
-    the family's loader (SD3: `max_sequence_length`).
+    the family's `from_pretrained` (SD3: `max_sequence_length`).
     """
-    loader = _loader(family)
-    return loader(resolve_source(source), revision=revision, dtype=dtype, device=device, **kwargs)
+    adapter = adapter_class(family)
+    return adapter.from_pretrained(resolve_source(source), revision=revision, dtype=dtype, device=device, **kwargs)
 
 
 __all__ = [
     "BUILTINS",
     "BUILTIN_PREFIX",
     "FAMILIES",
+    "adapter_class",
+    "adapter_for_pipeline",
     "ensure_builtin",
+    "family_for_pipeline",
     "load_backbone",
     "register_builtin",
     "register_family",

@@ -46,10 +46,38 @@ class Backbone(Protocol):
     """One model family. `transformer` is the denoiser that the roles copy or adapt.
 
     Noise level `s` is in [0, 1] (1 = noise); the adapter converts it to the family's timestep.
+
+    The family traits (`family` ... `scheduler_kwargs`) are class-level in every adapter: export, generate and
+    eval use them on the adapter class for a diffusers pipeline they loaded themselves, with no weights of the
+    adapter loaded, so that none of them needs to name a family.
     """
 
     transformer: nn.Module
     source: str  # hub id or folder the parts were loaded from
+
+    # -- family traits ------------------------------------------------------------------------------
+
+    family: str  # the name it is registered under (model.backbone)
+    pipeline_class: str  # the diffusers pipeline class its folders hold (model_index.json `_class_name`)
+    unused_parts: tuple[str, ...]  # pipeline parts cdmctl never calls: not loaded; exports copy them from the base
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments of every pipeline call that samples this family (student and teacher)."""
+        ...
+
+    def teacher_sampling(self) -> dict[str, Any]:
+        """The base model's own many-step settings (`num_inference_steps`, `guidance_scale`)."""
+        ...
+
+    def image_multiple(self, pipe: Any) -> int:
+        """Image sizes the family's pipeline `pipe` makes without resizing are multiples of this."""
+        ...
+
+    def scheduler_kwargs(self, pipe: Any, height: int, width: int) -> dict[str, Any]:
+        """What the pipeline `pipe` passes to `scheduler.set_timesteps` besides the sigmas at this size (e.g. `mu`)."""
+        ...
+
+    # -- the model ----------------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """Text encoders on `prompts` -> batch-first conditioning (no gradients)."""

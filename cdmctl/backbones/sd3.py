@@ -3,100 +3,18 @@
 from __future__ import annotations
 
 import gc
-import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from cdmctl.backbones.base import Conditioning
+from cdmctl.backbones.flow import decode_latents, scheduler_shift
+from cdmctl.backbones.loading import load_parts, resolve_dtype
 from cdmctl.errors import UserError
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_EXAMPLE = "stabilityai/stable-diffusion-3-medium-diffusers"
 _TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """torch.float32 / "float32" / "bf16" ... -> torch.dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-    resolved = getattr(torch, aliases.get(str(dtype), str(dtype)), None)
-    if not isinstance(resolved, torch.dtype):
-        raise UserError(f"unknown dtype '{dtype}'", "use float32, bfloat16 or float16")
-    return resolved
-
-
-def _local_folder(source: str) -> Path | None:
-    """The folder `source` names, or None when it should be tried as a hub id; UserError if neither."""
-    path = Path(source).expanduser()
-    if path.exists():
-        if not path.is_dir() or not (path / "model_index.json").is_file():
-            raise UserError(
-                f"'{source}' is not a diffusers pipeline folder (no model_index.json)",
-                "point the model source at a folder written by save_pretrained or `cdmctl export`",
-            )
-        return path
-    if _HUB_ID.match(source) and not source.startswith("."):
-        return None
-    raise UserError(
-        f"model folder '{source}' does not exist",
-        f"check the path, or use a hub id such as {_EXAMPLE} (or builtin:tiny-sd3 for a smoke test)",
-    )
-
-
-def _check_sd3(location: str, source: str, revision: str | None) -> None:
-    """Read model_index.json and insist on an SD3 transformer; hub errors become UserError."""
-    from diffusers import StableDiffusion3Pipeline
-
-    try:
-        index = StableDiffusion3Pipeline.load_config(location, revision=revision)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"could not load '{source}': no such local folder, and the Hugging Face Hub gave: {_first_line(e)}",
-            "check the id and your connection; for gated models accept the license on the model page and run "
-            "`hf auth login`; offline, pass a local folder instead",
-        ) from e
-    transformer = (index.get("transformer") or [None, None])[1]
-    if transformer != "SD3Transformer2DModel":
-        pipeline_class = index.get("_class_name", "unknown")
-        raise UserError(
-            f"'{source}' is a {pipeline_class} (transformer {transformer}), not a Stable Diffusion 3 pipeline",
-            "use an SD3 model with model.family 'sd3', or pick the family that matches this model",
-        )
-    if Path(location).is_dir():
-        parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
-        missing = [k for k in parts if not (Path(location) / k).is_dir()]
-        if missing:
-            raise UserError(
-                f"the SD3 folder '{source}' is incomplete: no {', '.join(missing)} subfolder",
-                "copy the whole pipeline folder (every subfolder named in model_index.json)",
-            )
-
-
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """diffusers renamed `torch_dtype` to `dtype` (the old name warns); use whichever this version takes."""
-    from diffusers.utils import deprecation_utils
-
-    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
-
-
-def _first_line(e: BaseException) -> str:
-    """The error's first line, plus that of its root cause (diffusers re-raises hub errors, e.g. offline mode,
-    as 'does not appear to have a file named ...')."""
-
-    def line(x: BaseException) -> str:
-        text = str(x).strip().splitlines()
-        return (text[0] if text else type(x).__name__)[:300]
-
-    root, seen = e, {id(e)}
-    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
-        root = nxt
-        seen.add(id(root))
-    return line(e) if root is e or line(root) == line(e) else f"{line(e)} (cause: {line(root)})"
 
 
 class SD3Backbone:
@@ -109,6 +27,11 @@ class SD3Backbone:
     """
 
     family = "sd3"
+    pipeline_class = "StableDiffusion3Pipeline"
+    display_name = "Stable Diffusion 3"
+    example_id = "stabilityai/stable-diffusion-3-medium-diffusers"
+    builtin = "builtin:tiny-sd3"
+    unused_parts: tuple[str, ...] = ()
 
     def __init__(self, parts: dict[str, Any], *, source: str, revision: str | None = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -130,9 +53,36 @@ class SD3Backbone:
                         device: str | torch.device = "cpu", max_sequence_length: int = 256) -> SD3Backbone:  # fmt: skip
         """Load every part from a hub id or a local folder (one code path) onto `device` in `dtype`."""
         dtype = resolve_dtype(dtype)
-        parts = _load_parts(source, revision=revision, dtype=dtype, device=device)
+        parts = load_parts(cls, source, revision=revision, dtype=dtype, device=device)
         return cls(parts, source=source, revision=revision, dtype=dtype, device=device,
                    max_sequence_length=max_sequence_length)  # fmt: skip
+
+    @staticmethod
+    def diffusers_pipeline() -> type:
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+
+    # -- family traits (class-level: usable on a pipeline without loading the adapter) -------------
+
+    @staticmethod
+    def sampling_kwargs() -> dict[str, Any]:
+        """Nothing beyond the common arguments (the text length is per model: cdmctl.json's max_sequence_length)."""
+        return {}
+
+    @staticmethod
+    def teacher_sampling() -> dict[str, Any]:
+        """StableDiffusion3Pipeline's own defaults."""
+        return {"num_inference_steps": 28, "guidance_scale": 7.0}
+
+    @staticmethod
+    def image_multiple(pipe: Any) -> int:
+        return pipe.vae_scale_factor * pipe.patch_size
+
+    @staticmethod
+    def scheduler_kwargs(pipe: Any, height: int, width: int) -> dict[str, Any]:
+        mu = _mu(pipe.scheduler.config, pipe.patch_size, pipe.vae_scale_factor, height, width)
+        return {} if mu is None else {"mu": mu}
 
     # -- prompts ---------------------------------------------------------------------------------
 
@@ -196,43 +146,12 @@ class SD3Backbone:
 
     def shift(self, s: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The levels the scheduler would use for unshifted levels s (any shape): set_timesteps(sigmas=s)."""
-        config = self.scheduler.config
-        per_schedule = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                                    "invert_sigmas", "shift_terminal") if config.get(k)]  # fmt: skip
-        if per_schedule:
-            raise UserError(
-                f"the scheduler of '{self.source}' sets {', '.join(per_schedule)}, which reshapes a whole schedule "
-                "rather than shifting each level",
-                "turn the time shift off in the preset, or use a scheduler config without these options",
-            )
-        if config.get("use_dynamic_shifting"):
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
-                calculate_shift,
-            )
-
-            patch = self.transformer.config.patch_size
-            f = self.vae_scale_factor
-            image_seq_len = (height // f // patch) * (width // f // patch)
-            # Same arguments (and fallbacks) as StableDiffusion3Pipeline.__call__.
-            mu = calculate_shift(
-                image_seq_len,
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.16),
-            )
-            return self.scheduler.time_shift(mu, 1.0, s)
-        k = self.scheduler.shift
-        return k * s / (1 + (k - 1) * s)
+        mu = _mu(self.scheduler.config, self.transformer.config.patch_size, self.vae_scale_factor, height, width)
+        return scheduler_shift(self.scheduler, s, mu, self.source)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, h, w] (as the transformer sees them) -> images [B, 3, H, W] in [0, 1], float32, CPU."""
-        vae_config = self.vae.config
-        latents = latents.to(device=self.vae.device, dtype=self.vae.dtype)
-        latents = latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
-        with torch.no_grad():
-            images = self.vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+        return decode_latents(self.vae, latents)
 
     # -- training and export helpers -------------------------------------------------------------
 
@@ -256,8 +175,8 @@ class SD3Backbone:
         """
         text = self._text
         if any(v is None for v in text.values()):
-            reloaded = _load_parts(self.source, revision=self.revision, dtype=self.dtype, device=self.device,
-                                   text_only=True)  # fmt: skip
+            reloaded = load_parts(type(self), self.source, revision=self.revision, dtype=self.dtype,
+                                  device=self.device, skip=("transformer", "vae"))  # fmt: skip
             text = {k: reloaded[k] for k in _TEXT_PARTS}
         return self._assemble(self.transformer if transformer is None else transformer, text)
 
@@ -270,30 +189,18 @@ class SD3Backbone:
         return pipe
 
 
-def _load_parts(source: str, *, revision: str | None, dtype: torch.dtype, device: str | torch.device,
-                text_only: bool = False) -> dict[str, Any]:  # fmt: skip
-    """All components of the SD3 pipeline at `source` (hub id or folder), frozen except the transformer.
+def _mu(config: Any, patch: int, vae_scale_factor: int, height: int, width: int) -> float | None:
+    """The dynamic shift's mu as StableDiffusion3Pipeline.__call__ computes it (same fallbacks); None if static."""
+    if not config.get("use_dynamic_shifting"):
+        return None
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
-    `text_only` skips the transformer and VAE (to reload released text encoders).
-    """
-    folder = _local_folder(source)  # before importing diffusers: a wrong path fails at once
-    location = str(folder) if folder is not None else source
-    _check_sd3(location, source, revision)
-    from diffusers import StableDiffusion3Pipeline
-
-    skip = {"transformer": None, "vae": None} if text_only else {}
-    try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(location, revision=revision, **_dtype_kwarg(dtype), **skip)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"could not load the SD3 pipeline parts of '{source}': {_first_line(e)}",
-            "check that the folder or hub repository is a complete StableDiffusion3Pipeline (all subfolders "
-            "and weights present)",
-        ) from e
-    parts = dict(pipe.components)
-    for name, module in parts.items():
-        if isinstance(module, nn.Module):
-            module.to(device)
-            if name != "transformer":
-                module.requires_grad_(False)
-    return parts
+    f = vae_scale_factor
+    image_seq_len = (height // f // patch) * (width // f // patch)
+    return calculate_shift(
+        image_seq_len,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.16),
+    )

@@ -1,5 +1,7 @@
 """Write tiny random-weight pipeline folders of the real diffusers classes, for tests and smoke runs.
 
+    python -m cdmctl.backbones.tiny FAMILY DIR     # e.g. `longcat runs/tiny-longcat`; families: TINY_WRITERS
+
 `write_tiny_sd3` builds a StableDiffusion3Pipeline whose every part is the real class (SD3 transformer,
 two CLIP text encoders with projection, a T5 encoder, AutoencoderKL, flow-matching scheduler) at toy
 sizes, with tokenizers written locally (no hub access), and saves it with `save_pretrained`. The
@@ -228,7 +230,36 @@ def write_tiny_sd3(folder: str | Path, seed: int = 0, resolution: int = 32, tran
 # attribute whose value joins the cache key (shipped files that change without a FACTORY_VERSION bump).
 BUILTINS: dict[str, Callable[[Path], object]] = {
     "tiny-sd3": lambda folder: write_tiny_sd3(folder, seed=0),
+    "tiny-longcat": lambda folder: _tiny_writer("longcat")(folder),
 }
+
+# family -> writer(folder) of a tiny random-weight pipeline of that family, or its "module:function" path.
+TINY_WRITERS: dict[str, str | Callable[[Path], object]] = {
+    "sd3": write_tiny_sd3,
+    "longcat": "cdmctl.backbones.tiny_longcat:write_tiny_longcat",
+}
+
+
+def _tiny_writer(family: str) -> Callable[[Path], object]:
+    if family not in TINY_WRITERS:
+        raise UserError(f"no tiny pipeline for family '{family}'", f"use one of: {', '.join(sorted(TINY_WRITERS))}")
+    writer = TINY_WRITERS[family]
+    if isinstance(writer, str):
+        import importlib
+
+        module, _, name = writer.partition(":")
+        writer = getattr(importlib.import_module(module), name)
+    return writer
+
+
+def write_tiny(family: str, folder: str | Path) -> Path:
+    """Write the tiny random-weight pipeline of `family` into `folder` (new or empty) and return it."""
+    writer = _tiny_writer(family)
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"{folder} exists and is not an empty folder", "choose a new folder")
+    writer(folder)
+    return folder
 
 
 def register_builtin(name: str, builder: Callable[[Path], object]) -> None:
@@ -280,3 +311,32 @@ def ensure_builtin(name: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cdmctl.backbones.tiny FAMILY DIR`: write a tiny pipeline for smoke tests; exit 2 on a bad input."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m cdmctl.backbones.tiny",
+        description="Write a tiny random-weight diffusers pipeline of a model family (real classes, 1-2 MB).",
+    )
+    parser.add_argument("family", help=f"one of: {', '.join(sorted(TINY_WRITERS))}")
+    parser.add_argument("folder", help="where to write it (a new or empty folder)")
+    args = parser.parse_args(argv)
+    try:
+        _tiny_writer(args.family)  # a bad name is refused before the libraries load (seconds)
+        from cdmctl.quiet import quiet_libraries
+
+        quiet_libraries()
+        folder = write_tiny(args.family, args.folder)
+    except UserError as e:
+        print(f"error: {e.message}" + (f"\n  fix: {e.fix}" if e.fix else ""), file=sys.stderr)
+        return e.exit_code
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

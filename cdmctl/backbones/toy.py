@@ -49,6 +49,26 @@ class ToyBackbone:
     shift is the static `k s / (1 + (k - 1) s)` (k = 1: none). Weights are a pure function of `seed`.
     """
 
+    family = "toy"  # not registered: built directly by tests and the proving ground
+    pipeline_class = ""  # no diffusers pipeline
+    unused_parts: tuple[str, ...] = ()
+
+    @staticmethod
+    def sampling_kwargs() -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def teacher_sampling() -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def image_multiple(pipe: Any) -> int:
+        return 1
+
+    @staticmethod
+    def scheduler_kwargs(pipe: Any, height: int, width: int) -> dict[str, Any]:
+        return {}
+
     def __init__(
         self,
         channels: int = 2,

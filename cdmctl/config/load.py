@@ -16,7 +16,11 @@ PRESET_SUFFIXES = (".yaml", ".yml")
 
 
 def presets_folder() -> Path:
-    """The shipped presets: package data when installed, else the checkout's top-level presets/ folder."""
+    """The shipped presets: the top-level presets/ of the source tree this module runs from (a checkout, where an
+    editable install's package-data mapping may name another checkout), else the installed package data."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "presets" / "__init__.py").is_file():
+        return root / "presets"
     try:
         return Path(str(resources.files("cdmctl.presets")))
     except ModuleNotFoundError:  # running from a source tree on PYTHONPATH, not installed

@@ -29,7 +29,9 @@ class LoraConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["sd3"] = Field("sd3", description="Backbone adapter (model family).")
+    backbone: Literal["sd3", "longcat"] = Field(
+        "sd3", description="Backbone adapter (model family): sd3 (SD3, SD3.5) or longcat (LongCat-Image)."
+    )
     pretrained: str = Field(
         ..., description="Teacher: a hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers) or a local folder."
     )
@@ -61,7 +63,8 @@ class ModelConfig(Section):
         "flash, efficient (memory-efficient), cudnn or math; null = PyTorch's own choice per call.",
     )
     text_length: int | None = Field(
-        None, ge=1, description="Max tokens of the long text encoder (SD3: T5, default 256); null = backbone default."
+        None, ge=1, description="Max tokens of the long text encoder (SD3: T5, default 256); null = backbone default "
+        "(LongCat: always 512, must stay null)."
     )
 
     @model_validator(mode="after")
