@@ -225,13 +225,19 @@ class MethodConfig(Section):
     merge_decay: float = Field(0.999, ge=0, le=1, description="After each fake step: F <- m F + (1 - m) G.")
     normaliser_floor: float = Field(0.1, gt=0, description="Lower clamp of the per-sample loss normaliser.")
     tbcm: TBCMConfig | None = Field(
-        None, description="TBCM's settings (method tbcm only; the CDM-family fields above do not apply to it).",
+        None, description="TBCM settings (method tbcm only; the CDM-family fields do not apply to it and `presets show` leaves them out).",
     )
 
     @property
     def family(self) -> str:
         """'cdm' (cdm, cdm-fixed, ddmd, dmd2) or 'tbcm'."""
         return family_of(self.name)
+
+    def not_applicable(self) -> set[str]:
+        """Fields this method ignores, left out of `cdmctl presets show` (they stay in the resolved preset)."""
+        if self.family == "tbcm":
+            return {n for n in type(self).model_fields if n not in ("name", "tbcm")}
+        return {"tbcm"}
 
     @model_validator(mode="before")
     @classmethod

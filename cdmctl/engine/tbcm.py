@@ -148,7 +148,7 @@ class TBCMDistiller:
         self.optimizer, self.ema, self.make_batch, self.seed = optimizer, ema, make_batch, seed
         self.route = reference_route(shift, self.config.route_steps, self.config.route_end)
         self.counters = Counters()
-        self.cost = CostCounter()
+        self.cost = CostCounter(networks=("student", "teacher"))  # no fake teacher to count
 
     def draws(self) -> Draws:
         acc = self.accelerator
