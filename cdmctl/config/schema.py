@@ -190,7 +190,8 @@ class TBCMConfig(Section):
         "central difference (two forwards of the wrapped module: works under DDP/FSDP2 and any attention kernel).",
     )
     jvp_eps: float = Field(
-        1e-3, gt=0, description="Finite-difference JVP: step along the tangent (TrigFlow time moves by at most eps / 2).",
+        3e-4, gt=0, description="Finite-difference JVP: step along the tangent (TrigFlow time moves by at most eps / 2); "
+        "the error is O(eps^2) plus the forward's rounding / eps, so it needs float32 forwards.",
     )
     logvar_lr: float | None = Field(
         None, gt=0, description="Learning rate of the adaptive-weighting log-variance head; null = optim.student_lr.",

@@ -121,7 +121,8 @@ class LogVarHead(nn.Module):
         super().__init__()
         self.register_buffer("freqs", 2 * math.pi * torch.randn(channels, generator=generator))
         self.register_buffer("phases", 2 * math.pi * torch.rand(channels, generator=generator))
-        self.linear = nn.Linear(channels, 1)
+        with torch.random.fork_rng(devices=[]):  # Linear's own (overwritten) init must not move the global generator
+            self.linear = nn.Linear(channels, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
