@@ -176,3 +176,16 @@ def test_consistency_samples_depend_only_on_their_seed_not_the_batch(exported: P
     torch.manual_seed(1)
     second = sample_teacher(student, prompts[:1], seeds[:1], steps=4, guidance=2.0)
     assert np.array_equal(px(first), px(second))
+
+
+@pytest.mark.parametrize("jvp", ["autograd", "finite-difference"])
+def test_two_process_ddp_tbcm_run_completes_with_either_jvp(jvp, tiny_sd3_dir: Path, prompts: Path, tmp_path: Path):
+    """torchrun, 2 CPU processes (gloo DDP): torch.func.jvp on the unwrapped student, or the difference through DDP."""
+    out = tmp_path / "ddp"
+    cmd = ["torchrun", "--nproc_per_node", "2", "-m", "cdmctl.cli", "distill", "--preset", "sd3-tbcm", "--out", str(out),
+           "--plain", *tiny_tbcm(tiny_sd3_dir, prompts, 2), "--set", f"method.tbcm.jvp={jvp}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done 2 iterations") == 1
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["student_step"] == 2 and last["cost/student_fwd"] == (ROUTE - 1) * BATCH // 2  # per process
