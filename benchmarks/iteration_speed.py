@@ -126,6 +126,9 @@ class RandomPromptBank:
         self.prompts = [f"prompt {i}" for i in range(prompts)]
         self.encoded, self.null = encode(prompts), encode(1)
 
+    def __len__(self) -> int:
+        return len(self.prompts)
+
     def conditioning(self, indices: torch.Tensor) -> Conditioning:
         return self.encoded.index(indices.cpu())
 
@@ -185,7 +188,7 @@ def _call(roles: Roles, module: torch.nn.Module, call: Call) -> torch.Tensor:
 def full_simulation(roles: Roles, batch: Batch, levels: torch.Tensor, draws: Draws, cost: CostCounter) -> Trajectory:
     """Every sample through all n steps (the reference's loop), recording x_{i_b}, v_{i_b} on the way."""
     noise, n = batch.noise, len(levels)
-    index = sample_record_index(draws.local("record"), len(noise), n)  # the engine's own draw
+    index = draws.rows("record", len(noise), lambda g, m: sample_record_index(g, m, n))  # the engine's own draw
     index = index.to(noise.device)
     grid = levels.double().cpu().tolist() + [0.0]
     x, xt, vt = noise.clone(), torch.empty_like(noise), torch.empty_like(noise)

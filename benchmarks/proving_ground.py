@@ -58,6 +58,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cdm-no-merge": ("CDM, no student merge into the fake (merge_decay 1)", ["method.merge_decay=1"]),
     "cdm-fake-lora": ("CDM, LoRA fake teacher (rank 8 of 64, no merge)",
                       ["model.fake_teacher=lora", "model.lora.rank=8", "model.lora.alpha=16", "method.merge_decay=1"]),
+    "cdm-fake-lora32": ("CDM, LoRA fake teacher (rank 32, fake lr 1e-3, no merge)",
+                        ["model.fake_teacher=lora", "model.lora.rank=32", "model.lora.alpha=64", "method.merge_decay=1",
+                         "optim.fake_lr=1e-3"]),
     # the open anomaly of D-DMD on the fixed schedule: is the normaliser floor (0.1) to blame?
     "ddmd-floor": ("D-DMD, normaliser floor 0.01", ["method.name=ddmd", *FIXED, "method.losses.cdm=0",
                                                      "method.normaliser_floor=0.01"]),

@@ -72,8 +72,8 @@ def distiller(preset_name: str, overrides: list[str], batch: int, seed: int) -> 
     prompts = toy.encode_prompts([f"prompt {i}" for i in range(64)])
 
     def make_batch(draws: Draws) -> Batch:
-        idx = torch.randint(64, (batch,), generator=draws.local("prompts"))
-        noise = torch.randn((batch, *toy.latent_shape(32, 32)), generator=draws.local("sim-noise"))
+        idx = torch.randint(64, (batch,), generator=draws.whole("prompts"))
+        noise = torch.randn((batch, *toy.latent_shape(32, 32)), generator=draws.whole("sim-noise"))
         return Batch(prompts.index(idx), toy.encode_prompts([""]).expand(batch), noise)
 
     return Distiller(OneProcess(), roles, preset.method, preset.optim, adamw(student, 1e-5, preset),

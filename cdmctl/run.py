@@ -8,7 +8,7 @@ import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -27,11 +27,19 @@ from cdmctl.engine.tbcm import TBCMDistiller
 from cdmctl.engine.trigflow import LogVarHead, consistency_sample
 from cdmctl.errors import UserError
 from cdmctl.networks import adamw, build_networks, forward_context, lora_key
+from cdmctl.parallel import (FSDP2, SINGLE, build_accelerator, check_supported, effective_strategy, grad_clipper,
+                             mixed_precision, prepare_networks, wrap_blocks)
 from cdmctl.prompts import load_prompts, prompt_file_sha256
 from cdmctl.quiet import quiet_libraries
 from cdmctl.runfolder import trim_metrics
 
-RESUMABLE_CHANGES = {"train.iterations", "run"}  # fields a resumed run may change
+if TYPE_CHECKING:
+    from cdmctl.embedcache import EmbeddingCache, Ranks
+
+# fields a resumed run may change (the prompt cache's place and layout do not change what is trained)
+# (parallel.*: check_layout refuses what the checkpoint's layout cannot be resumed with)
+RESUMABLE_CHANGES = {"train.iterations", "run", "parallel", "data.embedding_cache", "data.cache_shard_mb",
+                     "data.encode_batch_size"}
 
 
 @dataclass
@@ -99,50 +107,60 @@ def run_folder(preset: Preset, out: str | None) -> Path:
     return Path(out or preset.run.output_dir.format(preset=preset.name))
 
 
-def mixed_precision(precision: str) -> str:
-    """bf16/fp16 autocast where the device supports it; float32 elsewhere (e.g. the CPU demo)."""
-    if precision == "fp32" or not torch.cuda.is_available():
-        return "no"
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        return "fp16"
-    return precision
+class LivePrompts:
+    """Prompts encoded batch by batch as they are drawn (`data.cache_embeddings: false`); the text encoders stay."""
 
-
-def build_accelerator(preset: Preset, folder: Path):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    # several processes without CUDA (torchrun on CPU): accelerate needs cpu=True to form a gloo group
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(
-        cpu=multi_cpu,
-        mixed_precision=mixed_precision(preset.model.precision),
-        project_config=ProjectConfiguration(project_dir=str(folder)),
-    )
-
-
-class PromptBank:
-    """Training prompts and the empty prompt, encoded once (cached) or per batch."""
-
-    def __init__(self, backbone: Backbone, prompts: list[str], cache: bool):
-        self.backbone, self.prompts, self.cache = backbone, prompts, cache
+    def __init__(self, backbone: Backbone, prompts: list[str]):
+        self.backbone, self.prompts = backbone, prompts
         self.null = backbone.encode_prompts([""]).to("cpu")
-        self.encoded = backbone.encode_prompts(prompts).to("cpu") if cache else None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
 
     def conditioning(self, indices: torch.Tensor) -> Conditioning:
-        if self.encoded is not None:
-            return self.encoded.index(indices.cpu())
         return self.backbone.encode_prompts([self.prompts[i] for i in indices.tolist()]).to("cpu")
 
 
-def batch_maker(bank: PromptBank, per_process: int, latent: tuple[int, ...], device: torch.device):
+def ranks_of(acc) -> "Ranks":
+    """The embedding cache's view of the processes: barriers and an any-rank flag through accelerate."""
+    from cdmctl.embedcache import Ranks
+
+    def any_true(flag: bool) -> bool:
+        if acc.num_processes == 1:
+            return flag
+        return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item() > 0)
+
+    return Ranks(acc.process_index, acc.num_processes, acc.wait_for_everyone, any_true)
+
+
+def cached_prompts(preset: Preset, source: str, backbone: Backbone, prompts: list[str], compute: torch.dtype, acc):
+    """The run's prompts from the on-disk embedding cache, encoding it first (all ranks, each its share) if this
+    model, text setting and prompt list have none yet. Returns (cache, a line for the user)."""
+    import time
+
+    from cdmctl.embedcache import default_root, model_identity, open_or_build, prompts_digest
+
+    model, data = preset.model, preset.data
+    fields = {"backbone": model.backbone, "model": model_identity(source), "revision": model.revision,
+              "text_length": model.text_length, "dtype": str(compute).removeprefix("torch."),
+              "prompts_sha256": prompts_digest(prompts)}  # fmt: skip
+    start = time.perf_counter()
+    cache, built = open_or_build(default_root(data.embedding_cache), fields, prompts,
+                                 lambda batch: backbone.encode_prompts(batch).to("cpu"), ranks_of(acc),
+                                 shard_mb=data.cache_shard_mb, batch_size=data.encode_batch_size)  # fmt: skip
+    verb = f"encoded {len(prompts)} prompts on {acc.num_processes} process(es) in {time.perf_counter() - start:.1f} s" \
+        if built else f"reused the cache of {len(prompts)} prompts"  # fmt: skip
+    return cache, f"prompt embeddings: {verb} ({cache.folder})"
+
+
+def batch_maker(bank: "EmbeddingCache | LivePrompts", per_process: int, latent: tuple[int, ...], device: torch.device):
     """Per iteration and rank: random prompts and simulation noise from the iteration's own streams."""
 
     def make(draws: Draws) -> Batch:
-        gen = draws.local("prompts")
-        idx = torch.randint(len(bank.prompts), (per_process,), generator=gen, device=gen.device)
+        idx = draws.rows("prompts", per_process,
+                         lambda g, n: torch.randint(len(bank), (n,), generator=g, device=g.device))  # fmt: skip
         cond = bank.conditioning(idx).to(device)
-        noise = torch.randn((per_process, *latent), generator=draws.local("sim-noise"), device=device)
+        noise = draws.rows("sim-noise", per_process, lambda g, n: torch.randn((n, *latent), generator=g, device=device))
         return Batch(cond=cond, null=bank.null.to(device).expand(per_process), noise=noise)
 
     return make
@@ -210,7 +228,8 @@ def check_resumable(checkpoint: Path, preset: Preset) -> None:
     if changed:
         raise UserError(
             f"cannot resume {checkpoint.parent.parent}: the preset differs in {', '.join(changed)}",
-            "resume with the run's own preset (only train.iterations and run.* may change), or start a new run",
+            "resume with the run's own preset (only train.iterations, run.*, parallel.* and the embedding cache's "
+            "place and layout may change), or start a new run",
         )
 
 
@@ -226,6 +245,21 @@ def check_prompts_unchanged(checkpoint: Path, preset: Preset) -> None:
             f"checkpoint {checkpoint.name} (sha256 {stored[:12]}...)",
             "restore the file as it was, or start a new run with --out NEW_DIR",
         )
+
+
+def check_layout(checkpoint: Path, strategy: str) -> None:
+    """A sharded (FSDP2) state resumes only under FSDP2 (on any number of processes: it is re-sharded), a whole one
+    (one process or DDP, on any number) only without it."""
+    stored = (ckpt.read_manifest(checkpoint).get("parallel") or {}).get("strategy", SINGLE)
+    then, now = stored == FSDP2, strategy == FSDP2
+    if then and not now:
+        raise UserError(f"cannot resume {checkpoint.parent.parent}: checkpoint {checkpoint.name} is sharded (FSDP2) "
+                        f"and this launch is {strategy}", "resume with parallel.strategy fsdp2 on 2 or more processes (any "
+                        "number: it is re-sharded); export works from it on one process")  # fmt: skip
+    if now and not then:
+        raise UserError(f"cannot resume {checkpoint.parent.parent}: checkpoint {checkpoint.name} holds whole tensors "
+                        f"({stored}), which FSDP2 does not load", "resume it with parallel.strategy ddp (any number "
+                        "of processes), or start a new FSDP2 run")  # fmt: skip
 
 
 class RunHooks:
@@ -271,17 +305,25 @@ class DistillRun:
         from cdmctl.runlog import RunLog
 
         self.preset, self.folder = preset, folder
-        self.accelerator = acc = build_accelerator(preset, folder)
+        self.strategy = effective_strategy(preset.parallel.strategy)
+        self.accelerator = acc = build_accelerator(preset, folder, self.strategy)
         self.source = resolve_source(preset.model.pretrained)
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
         self.backbone = backbone = self.load_backbone(compute)
+        wrap_blocks(acc, backbone.block_classes())
         res = preset.model.resolution
         self.latent = backbone.latent_shape(res, res)
-        bank = PromptBank(backbone, load_prompts(preset.data.prompts), preset.data.cache_embeddings)
+        prompts = load_prompts(preset.data.prompts)
         self.prompts_sha256 = prompt_file_sha256(preset.data.prompts)  # of the file as this run read it
+        self.notes: list[str] = []
+        if preset.data.cache_embeddings:
+            bank, note = cached_prompts(preset, self.source, backbone, prompts, compute, acc)
+            self.notes.append(note)
+        else:
+            bank = LivePrompts(backbone, prompts)
         self.grid = SampleGrid(backbone, preset, self.latent, acc.device)
         if preset.data.cache_embeddings:
-            backbone.release_text_encoders()
+            backbone.release_text_encoders()  # every prompt is on disk now
         make_batch = batch_maker(bank, self.per_process_batch(), self.latent, acc.device)
         shift = lambda s: backbone.shift(s, res, res).to(s.device)  # noqa: E731
         # the method family decides the networks and the iteration; the loop, hooks and checkpoints are shared
@@ -293,7 +335,8 @@ class DistillRun:
         preset = self.preset
         student_opt, fake_opt = self.build_roles(compute)
         return Distiller(self.accelerator, self.roles, preset.method, preset.optim, student_opt, fake_opt, self.ema,
-                         make_batch=make_batch, shift=shift, seed=preset.train.seed)  # fmt: skip
+                         make_batch=make_batch, shift=shift, seed=preset.train.seed,
+                         clip=grad_clipper(self.accelerator))  # fmt: skip
 
     def tbcm_distiller(self, compute: torch.dtype, make_batch, shift) -> TBCMDistiller:
         """Student and teacher (no fake teacher), the log-variance head as a second module of the student's optimizer."""
@@ -311,7 +354,8 @@ class DistillRun:
         self.roles = Roles(self.backbone, student, teacher, None, autocast=self.forward_context, unwrap=acc.unwrap_model)
         self.ema = self.student_ema(student)
         return TBCMDistiller(acc, self.roles, head, preset.method, preset.optim, optimizer, self.ema,
-                             make_batch=make_batch, shift=shift, seed=preset.train.seed)  # fmt: skip
+                             make_batch=make_batch, shift=shift, seed=preset.train.seed,
+                             clip=grad_clipper(acc))  # fmt: skip
 
     def load_backbone(self, compute: torch.dtype) -> Backbone:
         """Every part in the compute dtype on the training device; trained copies get float32 masters later."""
@@ -330,8 +374,8 @@ class DistillRun:
         set_seed(preset.train.seed)
         student, teacher, fake = build_networks(self.backbone, preset, compute)
         student_opt, fake_opt = adamw(student, preset.optim.student_lr, preset), adamw(fake, preset.optim.fake_lr, preset)
-        student, fake, student_opt, fake_opt = acc.prepare(student, fake, student_opt, fake_opt)
-        teacher.to(acc.device)
+        student, teacher, fake, student_opt, fake_opt = prepare_networks(
+            acc, preset.parallel.teacher, student, teacher, fake, student_opt, fake_opt)
         self.forward_context = forward_context(acc.autocast, preset.model.attention_backend)
         self.roles = Roles(self.backbone, student, teacher, fake, autocast=self.forward_context, unwrap=acc.unwrap_model)
         self.ema = self.student_ema(student)
@@ -369,6 +413,8 @@ class DistillRun:
             "lora": p.model.lora.model_dump() if p.model.train == "lora" else None,
             "preset": p.model_dump(mode="json"),
             "prompts_sha256": self.prompts_sha256,
+            # how state/ was written: sharded (FSDP2, torch distributed checkpoint) or whole (one process, DDP)
+            "parallel": {"strategy": self.strategy, "processes": self.accelerator.num_processes},
         }
 
     def save_checkpoint(self, iteration: int) -> Path:
@@ -393,30 +439,36 @@ class DistillRun:
         return final
 
     def student_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """What export needs: the full student (or only its adapter, for LoRA) and its EMA, same keys."""
+        """What export needs: the full student (or only its adapter, for LoRA) and its EMA, same keys, whole
+        tensors whatever the sharding. Collective under FSDP2 (every rank gathers); only the main process keeps
+        them (it writes them), the others get empty dicts."""
+        from cdmctl.engine.sharding import gathered
+
         acc = self.accelerator
+        keep = acc.is_main_process
         student = acc.unwrap_model(self.roles.student_module)
         if self.preset.model.train == "lora":
             from peft import get_peft_model_state_dict
 
-            tensors = {"student": get_peft_model_state_dict(student)}
+            tensors = {"student": gathered(get_peft_model_state_dict(student), keep=keep)}
             if self.ema is not None:
-                tensors["ema"] = {lora_key(k): v for k, v in self.ema.state_dict().items()}
+                tensors["ema"] = {lora_key(k): v for k, v in self.ema.state_dict(keep=keep).items()}
             return tensors
-        tensors = {"student": acc.get_state_dict(self.roles.student_module)}  # gathered under FSDP
+        state = acc.get_state_dict(self.roles.student_module)  # gathered onto the main process under FSDP2
+        tensors = {"student": state if keep else {}}
         if self.ema is not None:
-            tensors["ema"] = self.ema.merged_state_dict(student)  # full state dict, loadable strictly
+            tensors["ema"] = self.ema.merged_state_dict(state=state, keep=keep)  # loadable strictly
         return tensors
 
     def restore(self, checkpoint: Path) -> None:
         """Weights, optimizer states, EMA and counters exactly as they were saved. `checkpoint` comes from
         `prepare_folder`, which already checked every one of its files against the manifest."""
-        self.accelerator.load_state(str(checkpoint / "state"))
+        self.accelerator.load_state(str(checkpoint / "state"))  # FSDP2: re-sharded onto this world size
         if self.ema is not None:
-            stored = ckpt.load_weights(checkpoint, "ema", verify=False)  # verified with the rest
-            if self.preset.model.train == "lora":
-                stored = {k: stored[lora_key(k)] for k in self.ema.shadow}
-            self.ema.load_state_dict(stored)
+            # read tensor by tensor (each rank keeps its part), never the whole file at once; verified with the rest
+            rename = {k: lora_key(k) for k in self.ema.shadow} if self.preset.model.train == "lora" else None
+            stored = checkpoint / ckpt.read_manifest(checkpoint)["files"]["ema"]
+            self.ema.load_state_dict(ckpt.LazyWeights(stored, rename))
         manifest = ckpt.read_manifest(checkpoint)
         self.distiller.load_state(manifest)
         self.distiller.cost.load_state_dict(manifest["cost_totals"])
@@ -457,10 +509,13 @@ def prepare_folder(preset: Preset, folder: Path, resume: bool, checkpoint: str =
     from cdmctl.runfolder import start_point
     from cdmctl.runlog import write_preset
 
+    strategy = effective_strategy(preset.parallel.strategy)  # a launch that cannot work stops here, in a second
+    check_supported(preset, strategy)
     start, notes = start_point(folder, resume, checkpoint)
     if start is not None:
         check_resumable(start, preset)
         check_prompts_unchanged(start, preset)
+        check_layout(start, strategy)
     folder.mkdir(parents=True, exist_ok=True)
     write_preset(folder, preset.model_dump(mode="json"))
     return start, notes
@@ -505,8 +560,18 @@ def train_until_done_or_stopped(preset: Preset, folder: Path, start_from: Path |
         raise interrupted("SIGINT", run, folder) from None
     if run.distiller.counters.iteration < preset.train.iterations:  # stopped early: only a signal does that
         raise interrupted(stop.received or "signal", run, folder)
+    main = run.accelerator.is_main_process
+    end_processes(run.accelerator)
     return RunResult(folder, hooks.last_checkpoint, folder / "metrics.jsonl", hooks.last_grid,
-                     run.distiller.counters.iteration, run.accelerator.is_main_process)
+                     run.distiller.counters.iteration, main)
+
+
+def end_processes(acc) -> None:
+    """All ranks finished: tear the process group down before the interpreter does (gloo's threads, left to
+    exit-time destructors, abort a rank now and then with 'terminate called without an active exception')."""
+    if acc.num_processes > 1:
+        acc.wait_for_everyone()
+        acc.end_training()
 
 
 def train_with_dashboard(run: DistillRun, preset: Preset, live: bool | None, stop: StopSignals,
@@ -516,7 +581,7 @@ def train_with_dashboard(run: DistillRun, preset: Preset, live: bool | None, sto
     main = run.accelerator.is_main_process
     title = f"cdmctl distill {preset.name}"
     with Dashboard(preset.train.iterations, title, live=live) if main else SilentDashboard() as dashboard:
-        for line in notes:
+        for line in [*notes, *run.notes]:
             dashboard.note(line)
         hooks = run.start(dashboard, stop)
         if main and stop.received is None:

@@ -179,22 +179,4 @@ def test_unknown_preset_and_existing_run_exit_2(tiny_sd3_dir, prompt_file, tmp_p
     assert code == 2 and "method.guidance" in err
 
 
-def test_two_process_ddp_run_completes_and_logs_once(tiny_sd3_dir, prompt_file, tmp_path):
-    """torchrun with 2 CPU processes (gloo DDP through accelerate): the code path of multi-GPU DDP."""
-    import os
-    import subprocess
-
-    out = tmp_path / "ddp"
-    cmd = ["torchrun", "--nproc_per_node", "2", "-m", "cdmctl.cli", "distill", "--preset", "sd3-4nfe", "--out", str(out),
-           "--plain", *tiny_overrides(tiny_sd3_dir, prompt_file, iterations=2)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("done 2 iterations") == 1  # only the main process reports
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records] == [1, 2]
-    assert records[-1]["cost/total_fake_bwd"] == 2 * 1  # per process: batch 2 split over 2 ranks, 2 fake steps
-    ckpt = list_checkpoints(out)[-1]
-    before = transformer_weights(tiny_sd3_dir)
-    student = load_weights(ckpt, "student")
-    assert any(not torch.equal(before[k], student[k]) for k in before)
+# Several processes (DDP and FSDP2 through torchrun and accelerate launch): tests/test_scale.py

@@ -173,6 +173,7 @@ class ScriptedDistiller:
 
     def __init__(self, streaks: list[int]):
         self.streaks, self.counters, self.cost = streaks, Counters(), CostCounter()
+        self.accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))  # one process: no gather
 
     def iteration(self) -> dict[str, float]:
         self.counters.nonfinite_streak = self.streaks[self.counters.iteration]

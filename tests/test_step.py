@@ -50,7 +50,7 @@ def make_roles(fake_offset: float = 0.05):
 
 def make_batch(toy, draws: Draws) -> Batch:
     cond = toy.encode_prompts(["a", "b", "c"])
-    noise = torch.randn((B, *toy.latent_shape(32, 32)), generator=draws.local("noise"))
+    noise = draws.rows("noise", B, lambda g, n: torch.randn((n, *toy.latent_shape(32, 32)), generator=g))
     return Batch(cond, toy.encode_prompts([""]).expand(B), noise)
 
 
@@ -165,9 +165,9 @@ def test_warmup_counts_optimizer_steps():
 
 def test_draws_refuse_a_purpose_taken_twice_in_one_iteration():
     draws = Draws(0, 3, 0, torch.device("cpu"))
-    draws.local("cdm-level")
+    draws.whole("cdm-level")
     with pytest.raises(RuntimeError, match="cdm-level"):
-        draws.local("cdm-level")
+        draws.whole("cdm-level")
     with pytest.raises(RuntimeError, match="cdm-level"):
         draws.shared("cdm-level")
     draws.noise_like(torch.zeros(2), "ca-noise")
@@ -175,7 +175,7 @@ def test_draws_refuse_a_purpose_taken_twice_in_one_iteration():
         draws.noise_like(torch.zeros(2), "ca-noise")
     # a new iteration starts with every purpose free again, and redraws the same numbers
     a, b = Draws(0, 3, 0, torch.device("cpu")), Draws(0, 3, 0, torch.device("cpu"))
-    assert torch.equal(torch.rand(4, generator=a.local("x")), torch.rand(4, generator=b.local("x")))
+    assert torch.equal(torch.rand(4, generator=a.whole("x")), torch.rand(4, generator=b.whole("x")))
 
 
 class LevelRecorder(Recorder):

@@ -65,7 +65,7 @@ def toy_roles():
 
 def toy_batch(toy, draws: Draws) -> Batch:
     cond = toy.encode_prompts(["a", "b", "c"])
-    noise = torch.randn((B, *toy.latent_shape(32, 32)), generator=draws.local("sim-noise"))
+    noise = torch.randn((B, *toy.latent_shape(32, 32)), generator=draws.whole("sim-noise"))
     return Batch(cond, toy.encode_prompts([""]).expand(B), noise)
 
 
@@ -74,8 +74,8 @@ def test_the_rollout_keeps_every_point_after_the_first_with_the_teachers_own_tan
     rec, roles = toy_roles()
     draws = Draws(0, 0, 0, torch.device("cpu"))
     batch = toy_batch(rec.inner, draws)
-    times = sample_route_times(reference_route(shift_by(3.0), 6, 1e-3), draws.local("route"))
-    guidance = sample_guidance(scales, B, draws.local("guidance"))
+    times = sample_route_times(reference_route(shift_by(3.0), 6, 1e-3), draws.whole("route"))
+    guidance = sample_guidance(scales, B, draws.whole("guidance"))
     cost = CostCounter()
     pairs = teacher_rollout(roles, batch, times, guidance, SIGMA_D, cost)
     # one batched teacher call per route time (cond + uncond only when guided), nothing else
@@ -104,7 +104,7 @@ def test_the_unguided_rollout_is_the_teachers_euler_sample_at_the_route_levels()
     rec, roles = toy_roles()
     draws = Draws(0, 3, 0, torch.device("cpu"))
     batch = toy_batch(rec.inner, draws)
-    times = sample_route_times(reference_route(shift_by(3.0), 8, 1e-3), draws.local("route"))
+    times = sample_route_times(reference_route(shift_by(3.0), 8, 1e-3), draws.whole("route"))
     pairs = teacher_rollout(roles, batch, times, torch.ones(B), SIGMA_D, CostCounter())
 
     def velocity(x, s, rows):

@@ -319,7 +319,30 @@ class DataConfig(Section):
     )
     sample_seed: int = Field(0, ge=0, description="Seed of the sample grids' noise (fixed for the whole run).")
     cache_embeddings: bool = Field(
-        True, description="Encode all prompts once and free the text encoders (off for very large prompt sets)."
+        True, description="Encode every prompt once into the on-disk embedding cache (all ranks in parallel, reused "
+        "by later runs, memory-mapped: host memory does not grow with the prompt count) and free the text encoders; "
+        "false = encode each batch's prompts as it comes (the text encoders stay loaded)."
+    )
+    embedding_cache: str | None = Field(
+        None, description="Folder of the embedding cache; null = $CDMCTL_CACHE/embeddings (~/.cache/cdmctl). "
+        "Several nodes must see one shared folder."
+    )
+    cache_shard_mb: float = Field(256.0, gt=0, description="Target size of one cache shard file (MiB).")
+    encode_batch_size: int = Field(32, ge=1, description="Prompts per text-encoder call while filling the cache.")
+
+
+class ParallelConfig(Section):
+    strategy: Literal["auto", "ddp", "fsdp2"] = Field(
+        "auto",
+        description="How several processes share the work. ddp: every rank holds every weight. fsdp2: accelerate's "
+        "FSDP2, each transformer block of the student and fake teacher (weights, gradients, optimizer states, EMA) "
+        "sharded over the ranks, float32 masters and bf16 compute. auto: fsdp2 when accelerate's config says "
+        "distributed_type FSDP, else ddp. One process: neither.",
+    )
+    teacher: Literal["shard", "replicate"] = Field(
+        "shard",
+        description="fsdp2 only: the frozen teacher sharded like the others (least memory; each of its calls gathers "
+        "its weights) or a full bf16 copy on every rank (no communication for its calls, if it fits).",
     )
 
 
@@ -352,6 +375,7 @@ class Preset(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: DataConfig
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")

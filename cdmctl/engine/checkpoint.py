@@ -16,6 +16,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 import torch
@@ -220,3 +221,25 @@ def load_weights(checkpoint: Path, which: str = "student", verify: bool = True) 
     if verify and (not path.is_file() or sha256_of(path) != digest):
         raise UserError(f"{path} does not match its manifest hash (corrupt copy?)", "use another checkpoint")
     return load_file(str(path))
+
+
+class LazyWeights(Mapping):
+    """A safetensors file as a mapping whose tensors are read one at a time when asked for (memory-mapped), so
+    a rank restoring its part of a large state never holds the whole file. `rename` maps the names asked for to
+    the stored ones (e.g. LoRA parameter names to peft's saved keys)."""
+
+    def __init__(self, path: Path, rename: dict[str, str] | None = None):
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), framework="pt")
+        stored = set(self._file.keys())
+        self._names = {k: v for k, v in rename.items() if v in stored} if rename else {k: k for k in stored}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._file.get_tensor(self._names[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

@@ -75,17 +75,23 @@ def all_ranks_agree(accelerator: Any, flag: torch.Tensor) -> bool:
     return bool(flag.item() == 1.0)
 
 
-def optimizer_step(accelerator: Any, counters: Counters, loss: torch.Tensor, optimizer, params: list,
-                   lr: float | list[float], grad_clip: float) -> float | None:  # fmt: skip
-    """Backward, clip `params`, step; a non-finite loss or gradient skips the step (counted in `counters`).
+def optimizer_step(accelerator: Any, counters: Counters, loss: torch.Tensor, optimizer, modules: list,
+                   lr: float | list[float], grad_clip: float,
+                   clip: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None) -> float | None:  # fmt: skip
+    """Backward, clip the trainable parameters of `modules`, step; a non-finite loss or gradient skips the step
+    (counted in `counters`). The parameters are looked up after the backward: FSDP2 registers the unsharded
+    tensors of a root module during forward and its sharded ones (which hold the gradients) after backward.
 
-    `lr` is every parameter group's learning rate, or one per group. Returns the clipped norm, None if skipped.
+    `lr` is every parameter group's learning rate, or one per group; `clip(parameters, max_norm)` returns the
+    norm over all ranks (accelerate's by default; the run layer passes a sharding-aware one). Returns the
+    clipped norm, None if skipped.
     """
     finite = all_ranks_agree(accelerator, torch.isfinite(loss.detach()))
     norm = None
     if finite:
         accelerator.backward(loss)
-        norm = accelerator.clip_grad_norm_(params, grad_clip)
+        params = [p for module in modules for p in trainable_parameters(module)]
+        norm = (clip or accelerator.clip_grad_norm_)(params, grad_clip)
         finite = bool(torch.isfinite(norm))  # the clipped norm is already reduced over ranks
     if finite:
         rates = lr if isinstance(lr, list) else [lr] * len(optimizer.param_groups)
@@ -118,17 +124,20 @@ class Distiller:
         make_batch: Callable[[Draws], Batch],
         shift: Callable[[torch.Tensor], torch.Tensor],
         seed: int,
+        clip: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None,
     ):
         self.accelerator, self.roles, self.method, self.optim = accelerator, roles, method, optim
         self.student_opt, self.fake_opt, self.ema = student_opt, fake_opt, ema
         self.make_batch, self.shift, self.seed = make_batch, shift, seed
+        # clip(parameters, max_norm) -> the norm over all ranks; the run layer passes a sharding-aware one
+        self.clip = clip or accelerator.clip_grad_norm_
         self.counters = Counters()
         self.cost = CostCounter()
         self.cycle: Cycle | None = None  # per-cycle simulation: the current TTUR cycle's
 
     def draws(self) -> Draws:
         acc = self.accelerator
-        return Draws(self.seed, self.counters.iteration, acc.process_index, acc.device)
+        return Draws(self.seed, self.counters.iteration, acc.process_index, acc.device, acc.num_processes)
 
     def iteration(self) -> dict[str, float | torch.Tensor]:
         """One iteration; returns its scalars (losses, levels, norms, cost)."""
@@ -159,7 +168,7 @@ class Distiller:
         iteration, k = self.counters.iteration, self.method.ttur_ratio
         start = iteration - iteration % k
         if self.cycle is None or self.cycle.start != start:
-            first = draws if start == iteration else Draws(self.seed, start, draws.rank, draws.device)
+            first = draws if start == iteration else Draws(self.seed, start, draws.rank, draws.device, draws.world)
             batch = self.make_batch(first)
             levels = training_schedule(self.method, first, self.shift)
             self.roles.train_mode(student=False, fake=False)
@@ -201,8 +210,8 @@ class Distiller:
 
     def apply(self, loss: torch.Tensor, optimizer, module, lr: float) -> float | None:
         """Backward, clip, step; a non-finite loss or gradient skips the step (counted). Returns the norm."""
-        params = trainable_parameters(module)
-        return optimizer_step(self.accelerator, self.counters, loss, optimizer, params, lr, self.optim.grad_clip)
+        return optimizer_step(self.accelerator, self.counters, loss, optimizer, [module], lr, self.optim.grad_clip,
+                              self.clip)  # fmt: skip
 
     def all_ranks_agree(self, flag: torch.Tensor) -> bool:
         return all_ranks_agree(self.accelerator, flag)
@@ -279,13 +288,31 @@ def train(distiller: Iterating, schedule: Schedule, hooks: Hooks, batch_size: in
 
 
 def window_record(window: dict[str, list], distiller: Iterating, its: float, batch_size: int) -> dict:
-    """Means over the logging window, the counters, throughput, cumulative cost and memory."""
+    """Means over the logging window, the counters, throughput, cumulative cost and memory.
+
+    Throughput is of the whole run (the global batch over all processes), memory that of the largest process (a
+    collective: every rank builds the record at the same iterations)."""
     record: dict[str, Any] = {**distiller.state()}
     record.update({k: float(sum(v) / len(v)) for k, v in window.items()})  # the window's one read-back
+    processes = distiller.accelerator.num_processes
+    record["processes"] = processes
     record["throughput/it_s"] = its
     record["throughput/samples_s"] = its * batch_size
+    record["throughput/samples_s_per_process"] = its * batch_size / processes
     record.update(distiller.cost.totals_record())
-    if torch.cuda.is_available():
-        record["memory/gb"] = torch.cuda.max_memory_allocated() / 2**30
-    record["memory/host_peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    record.update(peak_memory(distiller.accelerator))
     return record
+
+
+def peak_memory(accelerator: Any) -> dict[str, float]:
+    """Peak GPU memory (when there is a GPU) and peak host RSS, GiB, of the process with the most."""
+    gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    values = torch.tensor([[gpu, host]], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        values = accelerator.gather(values)  # [processes, 2]
+    gpu, host = values.max(0).values.tolist()
+    out = {"memory/host_peak_gb": host}
+    if torch.cuda.is_available():
+        out["memory/gb"] = gpu
+    return out

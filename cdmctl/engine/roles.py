@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cdmctl.backbones.base import Backbone, Conditioning  # the Protocol only: no family is named here
+from cdmctl.engine.sharding import local, resharded
 
 
 @dataclass
@@ -72,13 +73,16 @@ class Roles:
 
     @torch.no_grad()
     def merge_student_into_fake(self, decay: float) -> None:
-        """theta_F <- m theta_F + (1 - m) theta_G over the trainable parameters both share."""
+        """theta_F <- m theta_F + (1 - m) theta_G over the trainable parameters both share.
+
+        Under FSDP2 both are sharded the same way (same blocks, same mesh), so each rank merges its own parts."""
         if decay >= 1.0 or self.fake_module is None:
             return
-        student = dict(self.unwrap(self.student_module).named_parameters())
-        pairs = [(p, student[n]) for n, p in self.unwrap(self.fake_module).named_parameters() if p.requires_grad]
-        fake_params = [p.data for p, _ in pairs]
-        student_params = [q.data.to(p.dtype) for p, q in pairs]
+        student = dict(resharded(self.unwrap(self.student_module)).named_parameters())
+        fake = resharded(self.unwrap(self.fake_module))
+        pairs = [(p, student[n]) for n, p in fake.named_parameters() if p.requires_grad]
+        fake_params = [local(p.data) for p, _ in pairs]
+        student_params = [local(q.data).to(p.dtype) for p, q in pairs]
         torch._foreach_lerp_(fake_params, student_params, 1.0 - decay)
 
     def train_mode(self, student: bool, fake: bool) -> None:

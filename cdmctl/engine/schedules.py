@@ -66,9 +66,10 @@ def sample_dynamic_schedule(
     """CDM's dynamic schedule, shifted: float64 [n] = [1.0, n - 1 inner levels descending].
 
     n ~ U{n_min..n_max} is drawn from `gen`, the inner levels from `inner_gen` (default `gen`).
-    Multi-process runs must draw n identically on every rank and the inner levels per rank: pass
-    a `gen` derived from (seed, iteration) only and an `inner_gen` derived from (seed, iteration,
-    rank). With lo == hi the levels would tie, so that needs n_max <= 2.
+    Multi-process runs must draw n identically on every rank (a `gen` derived from (seed, iteration));
+    the engine draws the inner levels identically too (one schedule per global batch), though per-rank
+    `inner_gen`s would also give a valid schedule on each. With lo == hi the levels would tie, so that
+    needs n_max <= 2.
 
     Each inner level is a position u in [0, 1] (uniform or stratified) mapped to a noise level:
     through the backbone's `shift` (`shift(lo + (hi - lo) u)`, the paper's schedule, dense near 1),
@@ -95,6 +96,11 @@ def sample_dynamic_schedule(
     return torch.cat([torch.ones(1, dtype=torch.float64), levels])
 
 
+def uniform(gen: torch.Generator, batch: int) -> torch.Tensor:
+    """U(0, 1) float32 [B] on the generator's device: the raw draw behind `sample_levels`."""
+    return torch.rand(batch, generator=gen, device=gen.device, dtype=torch.float32)
+
+
 def sample_levels(
     gen: torch.Generator,
     batch: int,
@@ -108,10 +114,19 @@ def sample_levels(
     With cap = s_t: CA's level `sa = U(0,1) * s_t` clamped, so sa <= s_t whenever s_t >= s_min
     (the clamp wins below that). Output on `device`, else cap's device, else the generator's.
     """
+    return levels_from_uniform(uniform(gen, batch), clamp, cap, device)
+
+
+def levels_from_uniform(
+    u: torch.Tensor,
+    clamp: tuple[float, float] = (0.02, 0.98),
+    cap: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """`sample_levels` from given U(0, 1) draws u [B] (e.g. this rank's rows of a global batch's draws)."""
     s_min, s_max = clamp
-    u = torch.rand(batch, generator=gen, device=gen.device, dtype=torch.float32)
     if device is None:
-        device = cap.device if cap is not None else gen.device
+        device = cap.device if cap is not None else u.device
     u = u.to(device)
     if cap is not None:
         u = u * cap.to(device=device, dtype=torch.float32)

@@ -19,9 +19,11 @@ from cdmctl.engine.roles import Call, Roles
 from cdmctl.engine.schedules import (
     fixed_schedule,
     identity,
+    levels_from_uniform,
     sample_dynamic_schedule,
     sample_levels,
     sample_record_index,
+    uniform,
 )
 from cdmctl.engine.simulate import Trajectory, simulate_points
 
@@ -40,7 +42,14 @@ class Batch:
 
 @dataclass
 class Draws:
-    """Random streams of one iteration (shared: identical on every rank; local: per rank).
+    """Random streams of one iteration: `shared` (one value for everyone, e.g. the schedule length) and
+    per-sample streams drawn for the whole global batch, of which each rank takes its own rows.
+
+    Per-sample draws do not depend on how many processes share the batch: a run on N processes sees exactly
+    the samples (prompts, noise, levels, record steps) of a one-process run with the same global batch, so
+    the two agree up to floating-point reduction order, and a resume on another world size continues the
+    same stream. The global streams are keyed like rank 0's per-rank streams of earlier versions, so
+    single-process runs draw what they always drew.
 
     Each purpose may be drawn once per iteration: a second draw under the same name would repeat the
     first one's numbers exactly (same seed), silently coupling two quantities meant to be independent.
@@ -50,6 +59,7 @@ class Draws:
     iteration: int
     rank: int
     device: torch.device
+    world: int = 1
     used: set[str] = field(default_factory=set)
 
     def claim(self, purpose: str) -> None:
@@ -62,24 +72,45 @@ class Draws:
         self.claim(purpose)
         return generator(self.seed, self.iteration, purpose, device=self.device)
 
-    def local(self, purpose: str) -> torch.Generator:
+    def whole(self, purpose: str) -> torch.Generator:
+        """The global batch's stream for `purpose`, identical on every rank."""
         self.claim(purpose)
-        return generator(self.seed, self.iteration, purpose, self.rank, device=self.device)
+        return generator(self.seed, self.iteration, purpose, 0, device=self.device)
+
+    def global_rows(self, purpose: str, batch: int,
+                    draw: Callable[[torch.Generator, int], torch.Tensor]) -> torch.Tensor:  # fmt: skip
+        """`draw(gen, batch * world)`: the whole global batch's values [world * batch, ...] (every rank alike)."""
+        return draw(self.whole(purpose), batch * self.world)
+
+    def mine(self, rows: torch.Tensor, batch: int) -> torch.Tensor:
+        """This rank's `batch` rows of a global-batch tensor (ranks hold consecutive slices)."""
+        return rows[self.rank * batch : (self.rank + 1) * batch]
+
+    def rows(self, purpose: str, batch: int, draw: Callable[[torch.Generator, int], torch.Tensor]) -> torch.Tensor:
+        """This rank's `batch` rows of `draw(gen, global batch)`."""
+        return self.mine(self.global_rows(purpose, batch, draw), batch)
 
     def noise_like(self, x: torch.Tensor, purpose: str) -> torch.Tensor:
-        return torch.randn(x.shape, generator=self.local(purpose), device=x.device, dtype=torch.float32)
+        """Standard normal noise shaped like x [B, ...] (float32): this rank's rows of the global batch's."""
+        return self.rows(purpose, x.shape[0], lambda g, n: torch.randn(
+            (n, *x.shape[1:]), generator=g, device=x.device, dtype=torch.float32))
+
+
+def levels_draw(clamp: tuple[float, float]) -> Callable[[torch.Generator, int], torch.Tensor]:
+    """A `Draws.rows` draw of per-sample levels U(0, 1) clamped to `clamp` (float32 [n])."""
+    return lambda gen, n: sample_levels(gen, n, clamp)
 
 
 def training_schedule(method: "MethodConfig", draws: Draws, shift: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The iteration's schedule in the levels the network sees: fixed, or drawn (length shared by ranks,
-    inner levels per rank); `shift` is the backbone's time shift (applied unless the preset turns it off)."""
+    """The iteration's schedule in the levels the network sees: fixed, or drawn (one schedule for the whole
+    global batch, the same on every rank); `shift` is the backbone's time shift (unless the preset turns it off)."""
     sched = method.schedule
     shift = shift if sched.time_shift else identity
     if sched.kind == "fixed":
         return shift(fixed_schedule(sched.levels)).double()
     return sample_dynamic_schedule(
-        draws.shared("length"), sched.length, sched.level_range, sched.inner, inner_gen=draws.local("levels"),
-        shift=shift, coverage=sched.coverage, coverage_gen=draws.local("coverage"),
+        draws.shared("length"), sched.length, sched.level_range, sched.inner, inner_gen=draws.whole("levels"),
+        shift=shift, coverage=sched.coverage, coverage_gen=draws.whole("coverage"),
     )
 
 
@@ -89,15 +120,24 @@ def run_simulation(
 ) -> list[Trajectory]:
     """Backward simulation with the student (eval mode, guidance 1), recording `points` points per sample
     along one trajectory (several: one per iteration of a TTUR cycle, see `method.simulation`)."""
-    gen = draws.local("record")
-    index = torch.stack([sample_record_index(gen, len(batch.cond), len(levels)) for _ in range(points)])
+    n, b = len(levels), len(batch.cond)
+    # [world * B, points]: the global batch's recorded steps, one column per point
+    def record(gen: torch.Generator, m: int) -> torch.Tensor:
+        return torch.stack([sample_record_index(gen, m, n) for _ in range(points)], 1)
+
+    every = draws.global_rows("record", b, record)
+    index = draws.mine(every, b).T.contiguous()
     keep_final = method.cdm_target == "full-trajectory" and method.losses.cdm > 0
+    # every rank runs the student as often as the rank with the latest recorded step (FSDP gathers the
+    # weights in each call, collectively); known without communication since every rank drew them all
+    lockstep = int(every.max()) + 1
 
     def velocity(x: torch.Tensor, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         # the simulation evaluates only the samples still before their (latest) recorded step
         return roles.student(x, s, batch.cond.index(rows))
 
-    trajs = simulate_points(velocity, batch.noise, levels.to(batch.noise.device), index, keep_final=keep_final)
+    trajs = simulate_points(velocity, batch.noise, levels.to(batch.noise.device), index, keep_final=keep_final,
+                            min_steps=lockstep)
     cost.add("student", forward=trajs[0].student_samples)
     return trajs
 
@@ -107,7 +147,7 @@ def fake_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Flow matching of the fake teacher on the student's own clean estimates sg(x0t)."""
     x0t = traj.x0t.detach()
-    s = sample_levels(draws.local("fake-level"), len(x0t), method.level_clamp).to(x0t.device)
+    s = draws.rows("fake-level", len(x0t), levels_draw(method.level_clamp)).to(x0t.device)
     eps = draws.noise_like(x0t, "fake-noise")
     v = roles.fake(L.renoise(x0t, s, eps), s, batch.cond)
     cost.add("fake", forward=len(x0t), backward=len(x0t))
@@ -130,7 +170,7 @@ def cdm_point(method: "MethodConfig", traj: Trajectory, draws: Draws):
     if method.cdm_perturbation == "none":
         return traj.xt, traj.s_t, None
     # se and its noise have their own purposes: the CDM term re-noises at an independent level sc ("cdm-level")
-    se = sample_levels(draws.local("cdm-perturb-level"), len(traj.xt), method.level_clamp).to(traj.xt.device)
+    se = draws.rows("cdm-perturb-level", len(traj.xt), levels_draw(method.level_clamp)).to(traj.xt.device)
     if method.cdm_perturbation == "velocity":
         return L.extrapolate(traj.xt, traj.s_t, traj.vt, se), se, None
     eps = draws.noise_like(traj.xt, "cdm-perturb-noise")
@@ -176,7 +216,7 @@ class Term:
 def ca_term(method, batch, traj, pred, draws) -> Term:
     """CFG augmentation at a level capped by the student's own: D = g (x0c - x0u) / nrm(x0c)."""
     x0 = pred.x0.detach()
-    sa = sample_levels(draws.local("ca-level"), len(x0), method.level_clamp, cap=traj.s_t).to(x0.device)
+    sa = levels_from_uniform(draws.rows("ca-level", len(x0), uniform), method.level_clamp, cap=traj.s_t).to(x0.device)
     xa = L.renoise(x0, sa, draws.noise_like(x0, "ca-noise"))
 
     def finish(t: list[torch.Tensor], _: list[torch.Tensor]) -> torch.Tensor:
@@ -191,7 +231,7 @@ def matching_term(name: str, weight: float, method, batch, x0: torch.Tensor, tar
     """DM-type loss on x0: teacher minus fake at a re-noised `target` (guided: teacher with CFG).
 
     The re-noise level and noise are fresh draws unless `level` / `noise` are given (coupled ablation)."""
-    s = level if level is not None else sample_levels(draws.local(f"{name}-level"), len(x0), method.level_clamp)
+    s = level if level is not None else draws.rows(f"{name}-level", len(x0), levels_draw(method.level_clamp))
     s = s.to(x0.device)
     eps = noise if noise is not None else draws.noise_like(x0, f"{name}-noise")
     xs = L.renoise(target.detach(), s, eps)

@@ -19,7 +19,7 @@ from cdmctl.engine.cost import CostCounter
 from cdmctl.engine.ema import StudentEMA
 from cdmctl.engine.jvp import JVP_FORWARDS, jvp_autograd, jvp_finite_difference
 from cdmctl.engine.loop import Counters, optimizer_step, warmup_lr
-from cdmctl.engine.roles import Call, Roles, trainable_parameters
+from cdmctl.engine.roles import Call, Roles
 from cdmctl.engine.step import Batch, Draws
 
 if TYPE_CHECKING:
@@ -66,13 +66,13 @@ class Pairs:
 
 @torch.no_grad()
 def teacher_dxdt(roles: Roles, x: torch.Tensor, t: torch.Tensor, batch: Batch, guidance: torch.Tensor,
-                 sigma_d: float) -> torch.Tensor:  # fmt: skip
-    """dx_t/dt = sigma_d F of the teacher with CFG at TrigFlow state x [B, ...], times t [B]: one batched call.
+                 sigma_d: float, guided: bool = True) -> torch.Tensor:  # fmt: skip
+    """dx_t/dt = sigma_d F of the teacher with CFG at TrigFlow state x [B, ...], times t [B]: one batched call
+    (with the unconditional half when `guided`; a scale of 1 then gives the conditional velocity exactly).
 
     CFG acts on the velocity: F is affine in v at a fixed input, so guiding v guides F by the same scales.
     """
     x_flow, s = T.flow_input(x / sigma_d, t)
-    guided = bool((guidance != 1).any())
     calls = [Call(x_flow, s, batch.cond)] + ([Call(x_flow, s, batch.null)] if guided else [])
     out = roles.teacher(calls)
     v = out[0].float()
@@ -84,16 +84,18 @@ def teacher_dxdt(roles: Roles, x: torch.Tensor, t: torch.Tensor, batch: Batch, g
 
 @torch.no_grad()
 def teacher_rollout(roles: Roles, batch: Batch, times: torch.Tensor, guidance: torch.Tensor, sigma_d: float,
-                    cost: CostCounter) -> Pairs:  # fmt: skip
+                    cost: CostCounter, guided: bool | None = None) -> Pairs:  # fmt: skip
     """Roll the teacher out from x = sigma_d noise through `times` [R] (DDIM steps in TrigFlow, the last to t = 0),
-    keeping (x_t, t, dx_t/dt) at every time but the first."""
+    keeping (x_t, t, dx_t/dt) at every time but the first. `guided`: run the unconditional half (default: if any
+    of this batch's scales is not 1; the distiller decides it for the global batch)."""
+    guided = bool((guidance != 1).any()) if guided is None else guided
     x = sigma_d * batch.noise.float()
     n, device = len(x), x.device
     xs, ts, tangents = [], [], []
     for i, ti in enumerate(times.tolist()):
         t = torch.full((n,), ti, device=device, dtype=torch.float32)
-        dxdt = teacher_dxdt(roles, x, t, batch, guidance, sigma_d)
-        cost.add("teacher", forward=n * (2 if bool((guidance != 1).any()) else 1))
+        dxdt = teacher_dxdt(roles, x, t, batch, guidance, sigma_d, guided)
+        cost.add("teacher", forward=n * (2 if guided else 1))
         if i > 0:
             xs.append(x), ts.append(t), tangents.append(dxdt)
         t_next = torch.full_like(t, float(times[i + 1]) if i + 1 < len(times) else 0.0)
@@ -138,31 +140,38 @@ class TBCMDistiller:
 
     `head` is the log-variance head (prepared by accelerate, trained in the student's optimizer as its second
     parameter group); the counters and the checkpoint layout are the CDM family's (fake_step stays 0).
+    `clip(parameters, max_norm)` as for the CDM family's `Distiller`.
     """
 
     def __init__(self, accelerator: Any, roles: Roles, head: torch.nn.Module, method: "MethodConfig",
                  optim: "OptimConfig", optimizer: torch.optim.Optimizer, ema: StudentEMA | None,
-                 make_batch: Callable[[Draws], Batch], shift: Callable[[torch.Tensor], torch.Tensor], seed: int):
+                 make_batch: Callable[[Draws], Batch], shift: Callable[[torch.Tensor], torch.Tensor], seed: int,
+                 clip: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None):
         self.accelerator, self.roles, self.head, self.method, self.optim = accelerator, roles, head, method, optim
         self.config: "TBCMConfig" = method.tbcm
-        self.optimizer, self.ema, self.make_batch, self.seed = optimizer, ema, make_batch, seed
+        self.optimizer, self.ema, self.make_batch, self.seed, self.clip = optimizer, ema, make_batch, seed, clip
         self.route = reference_route(shift, self.config.route_steps, self.config.route_end)
         self.counters = Counters()
         self.cost = CostCounter(networks=("student", "teacher"))  # no fake teacher to count
 
     def draws(self) -> Draws:
         acc = self.accelerator
-        return Draws(self.seed, self.counters.iteration, acc.process_index, acc.device)
+        return Draws(self.seed, self.counters.iteration, acc.process_index, acc.device, acc.num_processes)
 
     def iteration(self) -> dict[str, float | torch.Tensor]:
         """One rollout and one student update; returns the iteration's scalars."""
         draws = self.draws()
         self.cost.reset()
         batch = self.make_batch(draws)
-        times = sample_route_times(self.route, draws.local("route"))
-        guidance = sample_guidance(self.config.guidance, len(batch.cond), draws.local("guidance"))
+        # one set of route times for the whole global batch, one scale per prompt of it (each rank its rows): a run
+        # draws the same on any number of processes; whether the rollout runs the unconditional half is decided
+        # for the global batch, so that every rank makes the same teacher calls (collective under FSDP2)
+        times = sample_route_times(self.route, draws.whole("route"))
+        b, scales = len(batch.cond), self.config.guidance
+        every = draws.global_rows("guidance", b, lambda g, n: sample_guidance(scales, n, g))
+        guidance, guided = draws.mine(every, b), bool((every != 1).any())
         self.roles.train_mode(student=False, fake=False)  # the rollout: the teacher only, no gradients
-        pairs = teacher_rollout(self.roles, batch, times, guidance, self.config.sigma_data, self.cost)
+        pairs = teacher_rollout(self.roles, batch, times, guidance, self.config.sigma_data, self.cost, guided)
         stats = self.student_update(pairs)
         self.counters.iteration += 1
         stats.update(self.cost.as_record())
@@ -175,8 +184,9 @@ class TBCMDistiller:
         loss, stats = tbcm_loss(self.roles, self.head, pairs, cfg, r, self.cost)
         lr = warmup_lr(self.optim.student_lr, c.student_step, self.optim.warmup_steps)
         head_lr = warmup_lr(cfg.logvar_lr or self.optim.student_lr, c.student_step, self.optim.warmup_steps)
-        params = trainable_parameters(self.roles.student_module) + trainable_parameters(self.head)
-        norm = optimizer_step(self.accelerator, c, loss, self.optimizer, params, [lr, head_lr], self.optim.grad_clip)
+        modules = [self.roles.student_module, self.head]
+        norm = optimizer_step(self.accelerator, c, loss, self.optimizer, modules, [lr, head_lr], self.optim.grad_clip,
+                              self.clip)  # fmt: skip
         if norm is not None:
             c.student_step += 1
             if self.ema is not None:

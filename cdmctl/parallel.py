@@ -1,0 +1,158 @@
+"""How the processes of a run share it: one process, DDP or FSDP2, all through accelerate.
+
+`effective_strategy` reads the preset and the launch environment (it needs no torch), `build_accelerator` makes the
+Accelerator, `prepare_networks` hands the student, fake teacher and their optimizers to accelerate and shards or
+places the frozen teacher. Sharding is accelerate's FSDP2 (`fully_shard` per transformer block named by the
+backbone's `block_classes`); checkpoints of sharded runs are torch distributed checkpoints written by accelerate.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cdmctl.errors import UserError
+
+SINGLE, DDP, FSDP2 = "single", "ddp", "fsdp2"
+
+
+def accelerate_wants_fsdp(env: Mapping[str, str]) -> bool:
+    """`accelerate launch` with a config whose distributed_type is FSDP exports ACCELERATE_USE_FSDP=true."""
+    return env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def effective_strategy(setting: str, env: Mapping[str, str] | None = None) -> str:
+    """'single', 'ddp' or 'fsdp2': what `parallel.strategy` means under this launch (no torch needed)."""
+    env = os.environ if env is None else env
+    world = int(env.get("WORLD_SIZE", "1"))
+    wants_fsdp = accelerate_wants_fsdp(env)
+    if wants_fsdp and env.get("FSDP_VERSION", "1") != "2":
+        raise UserError("accelerate's config asks for FSDP version 1; cdmctl shards with FSDP2",
+                        "set fsdp_version: 2 in the accelerate config (see launch/fsdp2-1node.yaml)")  # fmt: skip
+    if wants_fsdp and setting == "ddp":
+        raise UserError("parallel.strategy is ddp, but accelerate's config asks for FSDP",
+                        "set parallel.strategy to fsdp2 or auto, or launch with a DDP config")  # fmt: skip
+    if world == 1:
+        if setting == FSDP2:
+            raise UserError("parallel.strategy fsdp2 needs several processes, this is one",
+                            "launch with accelerate launch --num_processes N (or torchrun), or use auto")  # fmt: skip
+        return SINGLE
+    return FSDP2 if setting == FSDP2 or (setting == "auto" and wants_fsdp) else DDP
+
+
+def check_supported(preset: Any, strategy: str) -> None:
+    """What FSDP2 cannot combine with: bitsandbytes' 8-bit optimizers step plain tensors, not sharded ones."""
+    if strategy == FSDP2 and preset.optim.optimizer != "adamw":
+        raise UserError(f"optim.optimizer {preset.optim.optimizer} does not work with FSDP2 (bitsandbytes' 8-bit "
+                        "states are not sharded)", "set optim.optimizer to adamw (FSDP2 shards its states already), "
+                        "or parallel.strategy to ddp")  # fmt: skip
+
+
+def mixed_precision(precision: str) -> str:
+    """bf16/fp16 autocast where the device supports it; float32 elsewhere (e.g. the CPU demo)."""
+    import torch
+
+    if precision == "fp32" or not torch.cuda.is_available():
+        return "no"
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        return "fp16"
+    return precision
+
+
+def fsdp2_plugin(mixed: str) -> Any:
+    """accelerate's FSDP2 plugin as cdmctl needs it; what is left open (resharding after forward, CPU offload,
+    prefetching) comes from accelerate's config. The blocks to wrap are set once the backbone is loaded."""
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
+    # float32 masters, compute in bf16, gradients reduced in float32 (accelerate's default reduces in bf16)
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else None
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        state_dict_type="SHARDED_STATE_DICT",  # each rank writes its shard: torch distributed checkpoint
+        mixed_precision_policy=policy,
+        activation_checkpointing=False,  # the preset's model.gradient_checkpointing does it, inside each block
+        # every rank loads the weights itself: the LoRA trees share tensors, which a move to `meta` would break
+        cpu_ram_efficient_loading=False,
+        sync_module_states=False,
+    )
+
+
+def build_accelerator(preset: Any, folder: Path, strategy: str) -> Any:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    # several processes without CUDA (torchrun on CPU): accelerate needs cpu=True to form a gloo group
+    cpu = not torch.cuda.is_available() and strategy != SINGLE
+    mixed = mixed_precision(preset.model.precision)
+    plugin = fsdp2_plugin(mixed) if strategy == FSDP2 else None
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed, fsdp_plugin=plugin,
+                      project_config=ProjectConfiguration(project_dir=str(folder)))  # fmt: skip
+    if plugin is not None and not acc.is_fsdp2:
+        enable_fsdp2_on_cpu(acc, plugin)
+    return acc
+
+
+def enable_fsdp2_on_cpu(acc: Any, plugin: Any) -> None:
+    """accelerate turns FSDP on only for accelerator devices and silently runs DDP on CPU. torch's FSDP2 works on
+    a gloo group, so a CPU launch (the tests, a smoke run) switches accelerate's state to its FSDP path; from here
+    on, preparing, clipping, saving and loading are accelerate's own FSDP2 code, exactly as on GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if acc.device.type != "cpu":
+        raise UserError(f"accelerate did not enable FSDP on {acc.device}", "check the accelerate config")
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState copies it back
+    acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+
+
+def wrap_blocks(acc: Any, block_classes: list[type]) -> None:
+    """FSDP2 shards each of these blocks as one unit (and the rest of the model as the root)."""
+    if acc.is_fsdp2:
+        acc.state.fsdp_plugin.transformer_cls_names_to_wrap = sorted({c.__name__ for c in block_classes})
+
+
+def prepare_networks(acc: Any, teacher_mode: str, student, teacher, fake, student_opt, fake_opt):
+    """The networks and optimizers through accelerate: DDP-wrapped, or FSDP2-sharded (accelerate's FSDP2 takes
+    one model with its optimizer per call); the frozen teacher is sharded too or replicated on every rank."""
+    if not acc.is_fsdp2:
+        student, fake, student_opt, fake_opt = acc.prepare(student, fake, student_opt, fake_opt)
+        return student, teacher.to(acc.device), fake, student_opt, fake_opt
+    student, student_opt = acc.prepare(student, student_opt)
+    fake, fake_opt = acc.prepare(fake, fake_opt)
+    teacher = shard_frozen(acc, teacher) if teacher_mode == "shard" else teacher.to(acc.device)
+    return student, teacher, fake, student_opt, fake_opt
+
+
+def shard_frozen(acc: Any, module):
+    """FSDP2 over a frozen module, by accelerate's own function, without registering it for checkpoints (it
+    never changes, so save_state need not write it)."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    return fsdp2_prepare_model(acc, module.to(acc.device))
+
+
+def grad_clipper(acc: Any):
+    """`clip(parameters, max_norm) -> total norm` for the engine. Under FSDP2 this is what accelerate's own
+    clip_grad_norm_ does for one model (unscale, then torch's DTensor-aware clipping); accelerate's entry point
+    itself cannot be used with two sharded models: it looks the parameters up by comparing tensors with `==`."""
+    if not acc.is_fsdp2:
+        return acc.clip_grad_norm_
+
+    def clip(parameters, max_norm: float):
+        import torch
+
+        from cdmctl.engine.sharding import is_sharded
+
+        acc.unscale_gradients()
+        norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+        return norm.full_tensor() if is_sharded(norm) else norm
+
+    return clip
