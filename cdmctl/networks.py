@@ -123,18 +123,15 @@ def lora_key(name: str) -> str:
     return name.replace(".default.", ".")
 
 
-def adamw(module: nn.Module, lr: float, preset: Preset, extra: nn.Module | None = None,
-          extra_lr: float | None = None) -> torch.optim.Optimizer:  # fmt: skip
+def adamw(module: nn.Module, lr: float, preset: Preset, weight_decay: float | None = None) -> torch.optim.Optimizer:
     """The preset's AdamW over `module`'s trainable parameters: torch's, or bitsandbytes' 8-bit (paged) one.
 
-    `extra` (TBCM's log-variance head) becomes a second parameter group, learning rate `extra_lr`, no weight decay.
+    `weight_decay` replaces the preset's (TBCM's log-variance head: 0).
     """
     o = preset.optim
-    settings = dict(lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    decay = o.weight_decay if weight_decay is None else weight_decay
+    settings = dict(lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=decay)
     params = trainable_parameters(module)
-    if extra is not None:
-        params = [{"params": params},
-                  {"params": trainable_parameters(extra), "lr": extra_lr or lr, "weight_decay": 0.0}]  # fmt: skip
     if o.optimizer != "adamw":
         return eight_bit_adamw(o.optimizer)(params, **settings)
     # fused on CUDA: one kernel, and no full-size temporary of the moments (~7.6 GiB for SD3-Medium)

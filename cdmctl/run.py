@@ -28,7 +28,7 @@ from cdmctl.engine.trigflow import LogVarHead, consistency_sample
 from cdmctl.errors import UserError
 from cdmctl.networks import adamw, build_networks, forward_context, lora_key
 from cdmctl.parallel import (FSDP2, SINGLE, build_accelerator, check_supported, effective_strategy, grad_clipper,
-                             mixed_precision, prepare_networks, wrap_blocks)
+                             mixed_precision, place_teacher, prepare_networks, prepare_trained, wrap_blocks)
 from cdmctl.prompts import load_prompts, prompt_file_sha256
 from cdmctl.quiet import quiet_libraries
 from cdmctl.runfolder import trim_metrics
@@ -339,7 +339,8 @@ class DistillRun:
                          clip=grad_clipper(self.accelerator))  # fmt: skip
 
     def tbcm_distiller(self, compute: torch.dtype, make_batch, shift) -> TBCMDistiller:
-        """Student and teacher (no fake teacher), the log-variance head as a second module of the student's optimizer."""
+        """Student and teacher (no fake teacher) and the log-variance head, each trained module with its own
+        optimizer (accelerate's FSDP2 shards one model per optimizer): the checkpoint holds student, then head."""
         preset, acc = self.preset, self.accelerator
         from accelerate.utils import set_seed
 
@@ -347,13 +348,14 @@ class DistillRun:
         student, teacher, _ = build_networks(self.backbone, preset, compute, fake=False)
         # the head's fixed Fourier features come from their own stream, not the global generator
         head = LogVarHead(generator=generator(preset.train.seed, "logvar-head"))
-        optimizer = adamw(student, preset.optim.student_lr, preset, extra=head, extra_lr=preset.method.tbcm.logvar_lr)
-        student, head, optimizer = acc.prepare(student, head, optimizer)
-        teacher.to(acc.device)
+        student_opt = adamw(student, preset.optim.student_lr, preset)
+        head_opt = adamw(head, preset.method.tbcm.logvar_lr or preset.optim.student_lr, preset, weight_decay=0.0)
+        (student, student_opt), (head, head_opt) = prepare_trained(acc, [(student, student_opt), (head, head_opt)])
+        teacher = place_teacher(acc, preset.parallel.teacher, teacher)
         self.forward_context = forward_context(acc.autocast, preset.model.attention_backend)
         self.roles = Roles(self.backbone, student, teacher, None, autocast=self.forward_context, unwrap=acc.unwrap_model)
         self.ema = self.student_ema(student)
-        return TBCMDistiller(acc, self.roles, head, preset.method, preset.optim, optimizer, self.ema,
+        return TBCMDistiller(acc, self.roles, head, preset.method, preset.optim, [student_opt, head_opt], self.ema,
                              make_batch=make_batch, shift=shift, seed=preset.train.seed,
                              clip=grad_clipper(acc))  # fmt: skip
 

@@ -75,13 +75,15 @@ def test_a_tbcm_run_trains_the_student_alone_and_logs_its_cost(tbcm_run: Path, t
 
 
 def state_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint: student, EMA, the head, and the optimizer (both parameter groups)."""
+    """Every tensor of a checkpoint: student, EMA, the head, and both optimizers (the student's and the head's)."""
     out = {f"{w}/{k}": v for w in ("student", "ema") for k, v in load_weights(ckpt, w).items()}
     for f in sorted((ckpt / "state").glob("model*.safetensors")):
         out.update({f"{f.stem}/{k}": v for k, v in load_file(str(f)).items()})
-    opt = torch.load(ckpt / "state" / "optimizer.bin", weights_only=False)
-    for pid, st in opt["state"].items():
-        out.update({f"opt/{pid}/{k}": v for k, v in st.items() if torch.is_tensor(v)})
+    optimizers = sorted((ckpt / "state").glob("optimizer*.bin"))
+    assert [f.name for f in optimizers] == ["optimizer.bin", "optimizer_1.bin"]
+    for f in optimizers:
+        for pid, st in torch.load(f, weights_only=False)["state"].items():
+            out.update({f"{f.stem}/{pid}/{k}": v for k, v in st.items() if torch.is_tensor(v)})
     return out
 
 
@@ -95,6 +97,7 @@ def test_resume_matches_uninterrupted_run(tbcm_run: Path, tiny_sd3_dir: Path, pr
     a, b = list_checkpoints(tbcm_run)[-1], list_checkpoints(split)[-1]
     ta, tb = state_tensors(a), state_tensors(b)
     assert ta.keys() == tb.keys() and any(k.startswith("model_1/") for k in ta)
+    assert any(k.startswith("optimizer_1/") for k in ta)  # the head's Adam moments
     assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
     assert read_manifest(a)["cost_totals"] == read_manifest(b)["cost_totals"]
 
@@ -189,3 +192,48 @@ def test_two_process_ddp_tbcm_run_completes_with_either_jvp(jvp, tiny_sd3_dir: P
     assert done.stdout.count("done 2 iterations") == 1
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["student_step"] == 2 and last["cost/student_fwd"] == (ROUTE - 1) * BATCH // 2  # per process
+
+
+def torchrun(out: Path, args: list[str]) -> subprocess.CompletedProcess:
+    launch = [str(Path(CDMCTL).parent / "torchrun"), "--nproc_per_node", "2", "-m", "cdmctl.cli"]
+    cmd = [*launch, "distill", "--preset", "sd3-tbcm", "--out", str(out), "--plain", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_fsdp2_tbcm_shards_the_head_resumes_exactly_and_matches_one_process(tbcm_run: Path, tiny_sd3_dir: Path,
+                                                                           prompts: Path, tmp_path: Path):  # fmt: skip
+    """torchrun, 2 CPU processes, parallel.strategy fsdp2: the student and the log-variance head are sharded (each
+    with its own optimizer), saved as torch distributed checkpoints and resumed to every tensor; torch.func.jvp
+    works through FSDP2's hooks (torch 2.13) and matches the one-process run; the prompt cache is shared."""
+    from tests.test_scale import RTOL, assert_identical, max_difference, moved
+
+    fsdp = ["--set", "parallel.strategy=fsdp2", "--set", f"data.embedding_cache={tmp_path / 'cache'}"]
+    fd = ["--set", "method.tbcm.jvp=finite-difference"]
+    exact = torchrun(tmp_path / "exact", [*tiny_tbcm(tiny_sd3_dir, prompts, 4), *fsdp])  # the fixture's autograd JVP
+    assert "encoded 3 prompts on 2 process(es)" in exact.stdout + exact.stderr
+    assert exact.stdout.count("done 4 iterations") == 1
+    a, one = list_checkpoints(tmp_path / "exact")[-1], list_checkpoints(tbcm_run)[-1]
+    assert read_manifest(a)["parallel"] == {"strategy": "fsdp2", "processes": 2}
+    state = {p.name for p in (a / "state").iterdir()}
+    assert {"pytorch_model_fsdp_0", "pytorch_model_fsdp_1", "optimizer_0", "optimizer_1"} <= state
+    from torch.distributed.checkpoint import FileSystemReader
+
+    head = FileSystemReader(str(a / "state" / "pytorch_model_fsdp_1")).read_metadata().state_dict_metadata
+    assert {"model.linear.weight", "model.linear.bias"} <= head.keys()
+    for which in ("student", "ema"):
+        assert max_difference(a, one, which) <= RTOL * moved(one, tiny_sd3_dir), which
+    last = json.loads((tmp_path / "exact" / "metrics.jsonl").read_text().splitlines()[-1])
+    points = (ROUTE - 1) * BATCH // 2  # per process
+    assert (last["cost/student_fwd"], last["cost/student_jvp_fwd"], last["cost/teacher_fwd"]) == (
+        points, 3 * points, ROUTE * 2 * BATCH // 2)
+    # the finite-difference JVP, interrupted and resumed: every tensor (student, head, both optimizers) as uninterrupted
+    whole = torchrun(tmp_path / "whole", [*tiny_tbcm(tiny_sd3_dir, prompts, 4), *fsdp, *fd])
+    assert "reused the cache of 3 prompts" in whole.stdout + whole.stderr
+    torchrun(tmp_path / "split", [*tiny_tbcm(tiny_sd3_dir, prompts, 2), *fsdp, *fd])
+    torchrun(tmp_path / "split", [*tiny_tbcm(tiny_sd3_dir, prompts, 4), *fsdp, *fd, "--resume"])
+    b, c = list_checkpoints(tmp_path / "whole")[-1], list_checkpoints(tmp_path / "split")[-1]
+    assert_identical(b, c, tmp_path)
+    assert read_manifest(b)["cost_totals"] == read_manifest(c)["cost_totals"]
+    assert max_difference(b, a, "student") > 0  # the two JVPs are two computations (and both trained)

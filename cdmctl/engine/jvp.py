@@ -1,8 +1,11 @@
 """Forward-mode derivatives of a network: torch.func.jvp under the math attention kernel, or a central difference.
 
-Forward-mode AD is not implemented for the flash and memory-efficient SDPA kernels (nor for DDP's or FSDP2's
-hooks), so `jvp_autograd` pins the math kernel and must get the unwrapped module; `jvp_finite_difference` calls
-the network twice as it is (wrapped or sharded, any kernel), as NVlabs FastGen offers for Flash Attention and FSDP.
+Forward-mode AD is not implemented for the flash and memory-efficient SDPA kernels, so `jvp_autograd` pins the
+math kernel; it gets the module without DDP's wrapper (no gradient flows, so DDP's hooks have nothing to do). An
+FSDP2 module is its own unwrapped module: its hooks gather the parameters around the dual-tensor forward, which
+torch 2.13 runs correctly (tests/test_tbcm_e2e.py: two processes on CPU match one process). `jvp_finite_difference`
+calls the network twice as it is (wrapped or sharded, any kernel), as NVlabs FastGen offers for Flash Attention
+and FSDP.
 """
 
 from __future__ import annotations

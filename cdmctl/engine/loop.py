@@ -82,23 +82,30 @@ def optimizer_step(accelerator: Any, counters: Counters, loss: torch.Tensor, opt
     (counted in `counters`). The parameters are looked up after the backward: FSDP2 registers the unsharded
     tensors of a root module during forward and its sharded ones (which hold the gradients) after backward.
 
-    `lr` is every parameter group's learning rate, or one per group; `clip(parameters, max_norm)` returns the
-    norm over all ranks (accelerate's by default; the run layer passes a sharding-aware one). Returns the
-    clipped norm, None if skipped.
+    `optimizer` is one optimizer or a list (one backward, one clip over all their modules, every one stepped);
+    `lr` is every optimizer's learning rate, or one per optimizer. `clip(parameters, max_norm)` returns the norm
+    over all ranks (accelerate's by default; the run layer passes a sharding-aware one). Returns the clipped
+    norm, None if skipped.
     """
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    rates = lr if isinstance(lr, list) else [lr] * len(optimizers)
     finite = all_ranks_agree(accelerator, torch.isfinite(loss.detach()))
     norm = None
     if finite:
         accelerator.backward(loss)
         params = [p for module in modules for p in trainable_parameters(module)]
-        norm = (clip or accelerator.clip_grad_norm_)(params, grad_clip)
+        norm = (clip or accelerator.clip_grad_norm_)(params, grad_clip)  # unscales every optimizer's gradients
         finite = bool(torch.isfinite(norm))  # the clipped norm is already reduced over ranks
     if finite:
-        rates = lr if isinstance(lr, list) else [lr] * len(optimizer.param_groups)
-        for group, rate in zip(optimizer.param_groups, rates):
-            group["lr"] = rate
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        for i, (opt, rate) in enumerate(zip(optimizers, rates)):
+            for group in opt.param_groups:
+                group["lr"] = rate
+            # fp16: accelerate's step runs the loss scaler's step and update; a second optimizer after one update
+            # would be unscaled twice, so the others step their own optimizer (gradients unscaled, checked finite)
+            scaled = i > 0 and getattr(accelerator, "scaler", None) is not None
+            (opt.optimizer if scaled else opt).step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
     counters.nonfinite_streak = 0 if finite else counters.nonfinite_streak + 1
     counters.nonfinite += 0 if finite else 1
     return float(norm) if finite else None

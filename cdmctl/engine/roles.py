@@ -54,7 +54,8 @@ class Roles:
         return self._velocity(self.student_module, x, s, cond)
 
     def student_unwrapped(self, x: torch.Tensor, s: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The student without accelerate's DDP wrapper: torch.func transforms have no rule for its hooks."""
+        """The student without accelerate's DDP wrapper (torch.func.jvp needs no gradient hooks); under FSDP2 the
+        sharded module itself, whose hooks gather its parameters for the forward."""
         return self._velocity(self.unwrap(self.student_module), x, s, cond)
 
     @torch.no_grad()

@@ -138,18 +138,18 @@ def tbcm_loss(roles: Roles, head: torch.nn.Module, pairs: Pairs, config: "TBCMCo
 class TBCMDistiller:
     """TBCM's iteration over the roles (student and frozen teacher): rollout, one student update, EMA.
 
-    `head` is the log-variance head (prepared by accelerate, trained in the student's optimizer as its second
-    parameter group); the counters and the checkpoint layout are the CDM family's (fake_step stays 0).
-    `clip(parameters, max_norm)` as for the CDM family's `Distiller`.
+    `head` is the log-variance head (prepared by accelerate like the student); `optimizers` are the student's
+    and the head's, stepped together after one backward and one clip over both. The counters are the CDM
+    family's (fake_step stays 0). `clip(parameters, max_norm)` as for the CDM family's `Distiller`.
     """
 
     def __init__(self, accelerator: Any, roles: Roles, head: torch.nn.Module, method: "MethodConfig",
-                 optim: "OptimConfig", optimizer: torch.optim.Optimizer, ema: StudentEMA | None,
+                 optim: "OptimConfig", optimizers: list[torch.optim.Optimizer], ema: StudentEMA | None,
                  make_batch: Callable[[Draws], Batch], shift: Callable[[torch.Tensor], torch.Tensor], seed: int,
                  clip: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None):
         self.accelerator, self.roles, self.head, self.method, self.optim = accelerator, roles, head, method, optim
         self.config: "TBCMConfig" = method.tbcm
-        self.optimizer, self.ema, self.make_batch, self.seed, self.clip = optimizer, ema, make_batch, seed, clip
+        self.optimizers, self.ema, self.make_batch, self.seed, self.clip = optimizers, ema, make_batch, seed, clip
         self.route = reference_route(shift, self.config.route_steps, self.config.route_end)
         self.counters = Counters()
         self.cost = CostCounter(networks=("student", "teacher"))  # no fake teacher to count
@@ -185,7 +185,7 @@ class TBCMDistiller:
         lr = warmup_lr(self.optim.student_lr, c.student_step, self.optim.warmup_steps)
         head_lr = warmup_lr(cfg.logvar_lr or self.optim.student_lr, c.student_step, self.optim.warmup_steps)
         modules = [self.roles.student_module, self.head]
-        norm = optimizer_step(self.accelerator, c, loss, self.optimizer, modules, [lr, head_lr], self.optim.grad_clip,
+        norm = optimizer_step(self.accelerator, c, loss, self.optimizers, modules, [lr, head_lr], self.optim.grad_clip,
                               self.clip)  # fmt: skip
         if norm is not None:
             c.student_step += 1

@@ -129,7 +129,8 @@ class LogVarHead(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         noise = torch.log(torch.tan(t.float().clamp(1e-4, HALF_PI - 1e-4))) / 4
         features = torch.cos(noise[:, None] * self.freqs + self.phases) * math.sqrt(2)
-        return self.linear(features.to(self.linear.weight.dtype)).squeeze(1).float()
+        # sum over the one output: a new tensor, not a view (FSDP2 hooks its module's output for backward)
+        return self.linear(features.to(self.linear.weight.dtype)).float().sum(1)
 
 
 @torch.no_grad()
