@@ -159,3 +159,65 @@ def test_a_non_finite_update_is_skipped_and_counted():
     assert (d.counters.student_step, d.counters.nonfinite, d.counters.nonfinite_streak) == (0, 1, 1)
     assert "grad_norm/student" not in stats
     assert all(torch.equal(a, b) for a, b in zip(before, d.head.parameters()))
+
+
+def test_the_logged_jvp_norm_is_the_norm_of_the_students_jvp_along_the_rollout():
+    from cdmctl.engine.tbcm import student_jvp, tbcm_loss
+
+    rec, roles = toy_roles()
+    draws = Draws(0, 0, 0, torch.device("cpu"))
+    batch = toy_batch(rec.inner, draws)
+    times = sample_route_times(reference_route(shift_by(3.0), 5, 1e-3), draws.whole("route"))
+    pairs = teacher_rollout(roles, batch, times, torch.ones(B), SIGMA_D, CostCounter())
+    config = MethodConfig(name="tbcm", tbcm={"route_steps": 5, "guidance": [1.0]}).tbcm
+    head = T.LogVarHead(channels=8, generator=torch.Generator().manual_seed(0))
+    _, stats = tbcm_loss(roles, head, pairs, config, 1.0, CostCounter())
+    expected = torch.linalg.vector_norm(student_jvp(roles, pairs, config), dim=(1, 2, 3)).mean()
+    assert float(expected) > 0 and torch.allclose(stats["tbcm/jvp_norm"], expected)
+
+
+class RankAccelerator(FakeAccelerator):
+    """Rank `process_index` of two whose peers agree on every flag (the sum over ranks of a flag all ranks hold)."""
+
+    num_processes = 2
+
+    def __init__(self, rank: int):
+        self.process_index = rank
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor * 2
+
+
+def test_two_ranks_draw_the_one_process_batch_and_agree_on_the_unconditional_half():
+    """Route times for the whole global batch, each rank its rows of the global guidance draw; a rank whose own
+    scales are all 1 still runs the unconditional half when another rank's are not (the same teacher calls)."""
+    scales = [1.0, 2.0]
+    for iteration in range(50):  # an iteration where rank 0's rows are all 1 and rank 1's are not
+        every = sample_guidance(scales, 2 * B, Draws(0, iteration, 0, torch.device("cpu"), 2).whole("guidance"))
+        if bool((every[:B] == 1).all()) and bool((every[B:] != 1).any()):
+            break
+    else:
+        pytest.fail("no such iteration in the first 50")
+    seen = {}
+    for rank in (0, 1):
+        rec, d = tbcm_distiller(guidance=scales)
+        d.accelerator = RankAccelerator(rank)
+        d.counters.iteration = iteration
+        captured = {}
+        original = teacher_rollout
+
+        def spy(roles, batch, times, guidance, sigma_d, cost, guided=None):
+            captured.update(times=times, guidance=guidance, guided=guided)
+            return original(roles, batch, times, guidance, sigma_d, cost, guided)
+
+        import cdmctl.engine.tbcm as tbcm_module
+
+        tbcm_module.teacher_rollout, saved = spy, tbcm_module.teacher_rollout
+        try:
+            d.iteration()
+        finally:
+            tbcm_module.teacher_rollout = saved
+        assert [c for c in rec.calls if c[0] == "teacher"] == [("teacher", 2 * B, False)] * 5  # guided on both ranks
+        seen[rank] = captured
+    assert torch.equal(seen[0]["times"], seen[1]["times"]) and seen[0]["guided"] and seen[1]["guided"]
+    assert torch.equal(torch.cat([seen[0]["guidance"], seen[1]["guidance"]]), every)

@@ -53,6 +53,7 @@ def tbcm_run(tiny_sd3_dir: Path, prompts: Path, tmp_path_factory) -> Path:
     done = cdmctl("distill", "--preset", "sd3-tbcm", "--out", str(out), "--plain", *tiny_tbcm(tiny_sd3_dir, prompts, 4))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "done 4 iterations" in done.stdout
+    (out.parent / "distill.log").write_text(done.stdout + done.stderr)  # what the dashboard printed
     return out
 
 
@@ -65,7 +66,11 @@ def test_a_tbcm_run_trains_the_student_alone_and_logs_its_cost(tbcm_run: Path, t
     assert (last["cost/teacher_fwd"], last["cost/student_fwd"], last["cost/student_bwd"]) == (ROUTE * 2 * BATCH, points, points)
     assert last["cost/student_jvp_fwd"] == 3 * points and last["cost/total_student_jvp_fwd"] == 4 * 3 * points
     assert not any(k.startswith("cost/fake") for k in last)
-    assert {"loss/student", "loss/scm_unweighted", "loss/logvar", "tbcm/r", "tbcm/g_norm"} <= last.keys()
+    # the dashboard's lines carry the same per-update and cumulative cost
+    shown = [line for line in (tbcm_run.parent / "distill.log").read_text().splitlines() if line.startswith("it 4/4 | student_step")]
+    assert shown and f"cost/student_jvp_fwd {3 * points}" in shown[0] and f"cost/teacher_fwd {ROUTE * 2 * BATCH}" in shown[0]
+    assert f"cost/total_student_bwd {4 * points}" in shown[0]
+    assert {"loss/student", "loss/scm_unweighted", "loss/logvar", "tbcm/r", "tbcm/g_norm", "tbcm/jvp_norm"} <= last.keys()
     ckpt = list_checkpoints(tbcm_run)[-1]
     assert read_manifest(ckpt)["preset"]["method"]["name"] == "tbcm"
     assert (ckpt / "state" / "model_1.safetensors").is_file()  # the log-variance head, beside the student

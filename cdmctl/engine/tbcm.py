@@ -130,8 +130,10 @@ def tbcm_loss(roles: Roles, head: torch.nn.Module, pairs: Pairs, config: "TBCMCo
     g, g_norm = T.scm_tangent(F.detach(), F_jvp, pairs.x, pairs.dxdt, pairs.t, r, sigma_d, config.tangent_norm)
     logvar = head(pairs.t)
     loss, unweighted = T.scm_loss(F, g, pairs.t, logvar, sigma_d)
+    jvp_norm = torch.linalg.vector_norm(F_jvp.float(), dim=tuple(range(1, F_jvp.dim())))  # per point, cos t sin t dF/dt
     stats = {"loss/student": loss.detach(), "loss/scm_unweighted": unweighted, "loss/logvar": logvar.detach().mean(),
-             "tbcm/g_norm": g_norm.mean(), "tbcm/r": torch.tensor(r), "level/t_mean": pairs.t.mean()}  # fmt: skip
+             "tbcm/g_norm": g_norm.mean(), "tbcm/jvp_norm": jvp_norm.mean(), "tbcm/r": torch.tensor(r),
+             "level/t_mean": pairs.t.mean()}  # fmt: skip
     return loss, stats
 
 
