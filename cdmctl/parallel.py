@@ -3,8 +3,9 @@
 `effective_strategy` reads the preset and the launch environment (it needs no torch), `check_supported` refuses
 what a strategy cannot combine with, `build_accelerator` makes the Accelerator, `prepare_networks` (and, for any
 set of trained modules, `prepare_trained` with `place_teacher`) hands the trained modules and their optimizers to
-accelerate and shards or places the frozen teacher. Sharding is accelerate's FSDP2 (`fully_shard` per transformer block named by the
-backbone's `block_classes`); checkpoints of sharded runs are torch distributed checkpoints written by accelerate.
+accelerate and shards or places the frozen teacher. Sharding is accelerate's FSDP2 (`fully_shard` per
+transformer block named by the backbone's `block_classes`); checkpoints of sharded runs are torch distributed
+checkpoints written by accelerate.
 """
 
 from __future__ import annotations

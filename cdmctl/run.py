@@ -353,7 +353,8 @@ class DistillRun:
         (student, student_opt), (head, head_opt) = prepare_trained(acc, [(student, student_opt), (head, head_opt)])
         teacher = place_teacher(acc, preset.parallel.teacher, teacher)
         self.forward_context = forward_context(acc.autocast, preset.model.attention_backend)
-        self.roles = Roles(self.backbone, student, teacher, None, autocast=self.forward_context, unwrap=acc.unwrap_model)
+        self.roles = Roles(self.backbone, student, teacher, None, autocast=self.forward_context,
+                           unwrap=acc.unwrap_model)  # fmt: skip
         self.ema = self.student_ema(student)
         return TBCMDistiller(acc, self.roles, head, preset.method, preset.optim, [student_opt, head_opt], self.ema,
                              make_batch=make_batch, shift=shift, seed=preset.train.seed,

@@ -77,7 +77,8 @@ def all_ranks_agree(accelerator: Any, flag: torch.Tensor) -> bool:
 
 def optimizer_step(accelerator: Any, counters: Counters, loss: torch.Tensor, optimizer, modules: list,
                    lr: float | list[float], grad_clip: float,
-                   clip: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None) -> float | None:  # fmt: skip
+                   clip: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None,
+                   ) -> float | None:  # fmt: skip
     """Backward, clip the trainable parameters of `modules`, step; a non-finite loss or gradient skips the step
     (counted in `counters`). The parameters are looked up after the backward: FSDP2 registers the unsharded
     tensors of a root module during forward and its sharded ones (which hold the gradients) after backward.
