@@ -3,8 +3,9 @@
     python benchmarks/proving_ground.py --jobs 2                      # full: every variant x 3 seeds (~1.5 h on 2 cores)
     python benchmarks/proving_ground.py --seeds 1 --iterations 100 --variants cdm ddmd   # a quick look
 
-Every run is `cdmctl.run.distill` on the `demo` preset (the toy teacher's hyper-parameters) with the
-variant's overrides and its seed; its EMA student is then sampled with plain Euler at 1, 2, 4 and 8 steps
+Every run is `cdmctl.run.distill` on the `demo` preset (the toy teacher's hyper-parameters; TBCM variants: on
+`demo-tbcm`) with the variant's overrides and its seed; its EMA student is then sampled at 1, 2, 4 and 8 steps
+with its family's sampler (plain Euler; TBCM: sCM's consistency sampler, the same schedule)
 (paired noise: every model sees the same starting noise) and scored by `cdmctl.proving.metrics`. The
 teacher is the reference at the same step counts and at 50 steps, without and with guidance.
 Writes `<out>/proving_ground.{json,md,png}` (the PNG needs matplotlib: pip install 'cdmctl[plot]').
@@ -66,7 +67,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # the open anomaly of D-DMD on the fixed schedule: is the normaliser floor (0.1) to blame?
     "ddmd-floor": ("D-DMD, normaliser floor 0.01", ["method.name=ddmd", *FIXED, "method.losses.cdm=0",
                                                      "method.normaliser_floor=0.01"]),
+    # TBCM, the second method family: its own base preset (demo-tbcm), students sampled with sCM's consistency sampler
+    "tbcm": ("TBCM (demo-tbcm: sCM on teacher rollouts, guidance 1)", []),
+    "tbcm-guided": ("TBCM, rollouts at guidance 1.5", ["method.tbcm.guidance=[1.5]"]),
+    "tbcm-autograd": ("TBCM, torch.func.jvp instead of the finite difference", ["method.tbcm.jvp=autograd"]),
 }
+BASE_PRESET = {v: "demo-tbcm" for v in VARIANTS if v.startswith("tbcm")}  # every other variant is on `demo`
 METRIC_LABELS = {"precision": "precision (higher is better)", "coverage": "mode coverage (higher is better)",
                  "mmd2": "MMD^2 (lower is better)", "adherence": "prompt adherence (higher is better)"}
 
@@ -100,6 +106,7 @@ def distill_and_score(job: dict) -> dict:
     quiet_process(Path(job["workdir"]) / "run.log")
     from cdmctl.backbones import ensure_builtin
     from cdmctl.config import load_preset
+    from cdmctl.config.schema import SAMPLERS
     from cdmctl.engine.checkpoint import load_weights
     from cdmctl.proving import evaluate
     from cdmctl.run import distill
@@ -111,14 +118,15 @@ def distill_and_score(job: dict) -> dict:
         "run.sample_every=0", "run.checkpoint_every=0", "run.log_every=50",
         *job["extra"],
     ]
-    preset = load_preset("demo", overrides)
+    preset = load_preset(BASE_PRESET.get(job["variant"], "demo"), overrides)
     start = time.perf_counter()
     result = distill(preset, out=str(Path(job["workdir"]) / "run"), live=False)
     seconds = time.perf_counter() - start
     backbone, gt, cond, null = toy_context(job["per_prompt"])
     backbone.transformer.load_state_dict(load_weights(result.checkpoint, "ema" if preset.optim.ema else "student"))
     scores = evaluate.evaluate(backbone, backbone.transformer, gt, cond, null, STEPS, preset.model.resolution,
-                               per_prompt=job["per_prompt"], seed=job["eval_seed"])  # fmt: skip
+                               per_prompt=job["per_prompt"], seed=job["eval_seed"],
+                               sampler=SAMPLERS[preset.method.family])  # fmt: skip
     return {"variant": job["variant"], "seed": job["seed"], "train_seconds": round(seconds, 1),
             "metrics": {str(k): v for k, v in scores.items()}}  # fmt: skip
 

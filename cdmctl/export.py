@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -11,6 +12,7 @@ from typing import Any
 
 import torch
 
+from cdmctl.config.schema import sampler_of
 from cdmctl.engine.checkpoint import find_checkpoint, load_weights, verify_checkpoint
 from cdmctl.errors import UserError
 from cdmctl.outputs import check_not_file, reporting_disk_full
@@ -143,6 +145,7 @@ def student_pipeline(
     except (NotImplementedError, AttributeError) as exc:
         raise UserError(f"backbone '{family}' has no diffusers pipeline", "export a diffusers backbone's run") from exc
     match_training_shift(pipe, manifest.get("preset") or {})
+    match_training_sampler(pipe, manifest.get("preset") or {})
     # what the family's pipeline config says of a few-step student (FLUX.2 [klein]: is_distilled, guidance ignored)
     pipe.register_to_config(**type(backbone).student_pipeline_config())
     return pipe.to(device), manifest
@@ -162,6 +165,21 @@ def match_training_shift(pipe: Any, preset: dict[str, Any]) -> None:
         config = dict(pipe.scheduler.config)
         config.update(shift=1.0, use_dynamic_shifting=False)
         pipe.scheduler = type(pipe.scheduler).from_config(config)
+
+
+def match_training_sampler(pipe: Any, preset: dict[str, Any]) -> None:
+    """A TBCM student samples with sCM's consistency sampler: in flow coordinates x0 = x - s v, then fresh noise
+    at the next level, which is diffusers' FlowMatchEulerDiscreteScheduler with stochastic_sampling (exact: the
+    student is a flow-matching network, its TrigFlow F a reparametrisation of its velocity)."""
+    if sampler_of(preset) != "consistency":
+        return
+    config = dict(pipe.scheduler.config)
+    if "stochastic_sampling" not in inspect.signature(type(pipe.scheduler).__init__).parameters:
+        raise UserError(f"the base model's scheduler {type(pipe.scheduler).__name__} has no stochastic_sampling, "
+                        "which a TBCM student's consistency sampler needs",
+                        "use a base model whose scheduler is FlowMatchEulerDiscreteScheduler")  # fmt: skip
+    config.update(stochastic_sampling=True)
+    pipe.scheduler = type(pipe.scheduler).from_config(config)
 
 
 # ----------------------------------------------------------------------------- export
@@ -302,6 +320,13 @@ def export_info(
 
     preset = manifest.get("preset") or {}
     steps, levels = inference_levels(preset)
+    sampler = sampler_of(preset)
+    usage = ("pipe(prompt, sigmas=levels, num_inference_steps=len(levels), **guidance_kwargs, **pipeline_kwargs"
+             "[, max_sequence_length=...]); the levels are unshifted: the pipeline's scheduler applies the model's "
+             "time shift to them, as in training")
+    if sampler == "consistency":
+        usage += ("; the scheduler's stochastic_sampling (sCM's consistency sampler) draws its fresh noise from "
+                  "torch's global generator, which the pipeline's generator= does not seed: torch.manual_seed(...) first")
     return {
         "format": INFO_FORMAT,
         "kind": kind,
@@ -311,9 +336,8 @@ def export_info(
         "revision": manifest.get("revision"),
         "steps": steps,
         "levels": levels,
-        "usage": "pipe(prompt, sigmas=levels, num_inference_steps=len(levels), **guidance_kwargs, **pipeline_kwargs"
-        "[, max_sequence_length=...]); the levels are unshifted: the pipeline's scheduler applies the model's time "
-        "shift to them, as in training",
+        "sampler": sampler,
+        "usage": usage,
         "guidance_scale": 1.0,
         # no CFG, in the family's own call arguments (Z-Image: guidance_scale 0; Qwen-Image: true_cfg_scale 1)
         "guidance_kwargs": adapter_class(manifest["backbone"]).guidance_kwargs(1.0),

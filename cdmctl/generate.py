@@ -6,6 +6,7 @@ import inspect
 import json
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -52,6 +53,11 @@ class Student:
     @property
     def dtype(self) -> torch.dtype:
         return self.pipe.transformer.dtype
+
+    @property
+    def sampler(self) -> str:
+        """'consistency' (a TBCM student: the scheduler's stochastic_sampling) or 'euler'."""
+        return "consistency" if self.pipe.scheduler.config.get("stochastic_sampling") else "euler"
 
     def schedule(self, steps: int | None = None, sigmas: Sequence[float] | None = None) -> list[float]:
         """The unshifted levels to sample with: `sigmas` as given, else the recommended schedule when
@@ -106,6 +112,7 @@ class Student:
             "schedule": levels,
             "sigmas": self.shifted(levels),
             "shift": "dynamic" if config.get("use_dynamic_shifting") else float(config.get("shift", 1.0)),
+            "sampler": self.sampler,
             "guidance_scale": 1.0,
             "max_sequence_length": self.max_sequence_length,
             "base_model": self.base_model,
@@ -123,7 +130,7 @@ class Student:
         batch_size: int = 4,
         progress: Callable[[int], None] | None = None,
     ) -> list[Any]:
-        """One PIL image per (prompt, seed): Euler on the schedule, guidance 1, no negative prompt.
+        """One PIL image per (prompt, seed): the student's sampler (Euler, or a TBCM student's consistency sampler) on the schedule, guidance 1, no negative prompt.
 
         Each image's starting noise comes from its own CPU generator seeded with its seed, so an
         image depends only on its prompt, seed and the settings, not on the batch it ran in or on
@@ -182,12 +189,40 @@ def run_pipeline(
         call = dict(settings)
         if isinstance(call.get("negative_prompt"), str):  # one per prompt: pipelines do not broadcast a single one
             call["negative_prompt"] = [call["negative_prompt"]] * len(chunk)
-        with torch.inference_mode():
+        with torch.inference_mode(), per_image_renoise(pipe, generators):
             out = pipe(prompt=chunk, height=size[0], width=size[1], generator=generators, output_type="pil", **call)
         images.extend(out.images)
         if progress is not None:
             progress(len(chunk))
     return images
+
+
+@contextmanager
+def per_image_renoise(pipe: Any, generators: list[torch.Generator]):
+    """A stochastic-sampling scheduler (a TBCM student's consistency sampler) draws its fresh noise from each
+    image's own generator, continuing after its starting noise, for one pipeline call: the pipeline does not pass
+    its generator to the scheduler, and torch's global generator would tie an image to its batch."""
+    original = pipe.scheduler
+    if not original.config.get("stochastic_sampling"):
+        yield
+        return
+
+    class PerImageNoise(type(original)):
+        def step(self, *args, generator=None, **kwargs):
+            return super().step(*args, generator=generators if generator is None else generator, **kwargs)
+
+    pipe.scheduler = PerImageNoise.from_config(original.config)
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
+
+
+def deterministic_scheduler(scheduler: Any) -> Any:
+    """The scheduler without stochastic sampling: how a teacher samples beside a consistency-sampled student."""
+    if not scheduler.config.get("stochastic_sampling"):
+        return scheduler
+    return type(scheduler).from_config({**scheduler.config, "stochastic_sampling": False})
 
 
 def check_levels(levels: Sequence[float]) -> list[float]:
@@ -423,7 +458,9 @@ def sample_teacher(
         )
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot load the teacher's transformer from {source}: {exc}", "check --teacher") from exc
-    teacher_pipe = type(pipe)(**{**pipe.components, "transformer": transformer.to(student.device)})
+    components = {**pipe.components, "transformer": transformer.to(student.device),
+                  "scheduler": deterministic_scheduler(pipe.scheduler)}  # fmt: skip
+    teacher_pipe = type(pipe)(**components)
     # Same prompt encoding as the student (and as the teacher saw in training).
     defaults = student.teacher_defaults()
     settings = {
@@ -546,7 +583,7 @@ def generate(
     settings = {
         "model": student.model, "steps": len(levels), "sigmas": levels,
         "shifted_sigmas": student.shifted(levels, size), "guidance_scale": 1.0, "height": size[0], "width": size[1],
-        "sampler": "euler", "generator": "cdmctl", **student.call_kwargs(),
+        "sampler": student.sampler, "generator": "cdmctl", **student.call_kwargs(),
     }  # fmt: skip
     with _progress(progress, len(all_prompts), "student") as advance:
         images = student.sample(all_prompts, seeds, sigmas=levels, height=size[0], width=size[1],

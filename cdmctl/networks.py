@@ -14,12 +14,16 @@ from cdmctl.config.schema import Preset
 from cdmctl.engine.roles import trainable_parameters
 
 
-def build_networks(backbone: Backbone, preset: Preset, compute_dtype: torch.dtype) -> tuple[nn.Module, ...]:
-    """Student, frozen teacher and fake teacher: full copies, or LoRA adapters over one shared frozen base."""
+def build_networks(backbone: Backbone, preset: Preset, compute_dtype: torch.dtype,
+                   fake: bool = True) -> tuple[nn.Module, nn.Module, nn.Module | None]:  # fmt: skip
+    """Student, frozen teacher and fake teacher: full copies, or LoRA adapters over one shared frozen base.
+
+    `fake=False` (a method family without a fake teacher, TBCM) builds no fake teacher and returns None for it.
+    """
     base = backbone.transformer
     frozen_dtype = compute_dtype if preset.model.frozen_precision == "compute" else torch.float32
     if preset.model.train == "lora":
-        student, teacher, fake = lora_networks(base, backbone, preset, frozen_dtype)
+        student, teacher, fake_net = lora_networks(base, backbone, preset, frozen_dtype, fake)
     else:
         if any(p.dtype != torch.float32 for p in base.parameters()):
             base.float()  # float32 masters for the trained copies
@@ -27,19 +31,22 @@ def build_networks(backbone: Backbone, preset: Preset, compute_dtype: torch.dtyp
         if frozen_dtype != torch.float32:
             teacher.to(frozen_dtype)  # frozen: no float32 master needed
         student.requires_grad_(True)
-        if preset.model.fake_kind == "lora":  # an adapter over the teacher's own tensors: no second copy
+        if not fake:
+            fake_net = None
+        elif preset.model.fake_kind == "lora":  # an adapter over the teacher's own tensors: no second copy
             teacher.requires_grad_(False)
-            fake = adapted_copy(teacher, backbone, preset)
+            fake_net = adapted_copy(teacher, backbone, preset)
         else:
-            fake = copy.deepcopy(base).requires_grad_(True)
+            fake_net = copy.deepcopy(base).requires_grad_(True)
     teacher.requires_grad_(False).eval()
+    trained = [m for m in (student, fake_net) if m is not None]
     if preset.model.gradient_checkpointing:
-        for module in (student, fake):
+        for module in trained:
             recompute_blocks(module, backbone.block_classes(), preset.model.checkpoint_every)
     if preset.model.compile:
-        for module in (student, teacher, fake):
+        for module in (*trained, teacher):
             compile_blocks(module, backbone.block_classes())
-    return student, teacher, fake
+    return student, teacher, fake_net
 
 
 def recompute_blocks(module: nn.Module, block_classes: list[type[nn.Module]], every: int) -> None:
@@ -90,14 +97,17 @@ def compile_blocks(module: nn.Module, block_classes: list[type[nn.Module]]) -> N
             sub.compile()
 
 
-def lora_networks(base: nn.Module, backbone: Backbone, preset: Preset, frozen_dtype: torch.dtype):
+def lora_networks(base: nn.Module, backbone: Backbone, preset: Preset, frozen_dtype: torch.dtype,
+                  fake: bool = True):  # fmt: skip
     """Three module trees over the same frozen base tensors (no second copy in memory); the student and
-    the fake teacher each get their own adapter (B = 0 at init, so both start equal to the teacher)."""
+    the fake teacher each get their own adapter (B = 0 at init, so both start equal to the teacher).
+    Without a fake teacher (`fake=False`) the third is None."""
     base.requires_grad_(False).to(frozen_dtype)
-    teacher, fake = shared_copy(base), shared_copy(base)
-    for module in (base, fake):  # this order: the adapters' random init is as in earlier versions
-        add_lora(module, backbone, preset)
-    return base, teacher, fake
+    teacher, fake_net = shared_copy(base), (shared_copy(base) if fake else None)
+    for module in (base, fake_net):  # this order: the adapters' random init is as in earlier versions
+        if module is not None:
+            add_lora(module, backbone, preset)
+    return base, teacher, fake_net
 
 
 def shared_copy(module: nn.Module) -> nn.Module:
@@ -132,14 +142,19 @@ def lora_key(name: str) -> str:
     return name.replace(".default.", ".")
 
 
-def adamw(module: nn.Module, lr: float, preset: Preset) -> torch.optim.Optimizer:
-    """The preset's AdamW over `module`'s trainable parameters: torch's, or bitsandbytes' 8-bit (paged) one."""
+def adamw(module: nn.Module, lr: float, preset: Preset, weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """The preset's AdamW over `module`'s trainable parameters: torch's, or bitsandbytes' 8-bit (paged) one.
+
+    `weight_decay` replaces the preset's (TBCM's log-variance head: 0).
+    """
     o = preset.optim
-    settings = dict(lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    decay = o.weight_decay if weight_decay is None else weight_decay
+    settings = dict(lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=decay)
+    params = trainable_parameters(module)
     if o.optimizer != "adamw":
-        return eight_bit_adamw(o.optimizer)(trainable_parameters(module), **settings)
+        return eight_bit_adamw(o.optimizer)(params, **settings)
     # fused on CUDA: one kernel, and no full-size temporary of the moments (~7.6 GiB for SD3-Medium)
-    return torch.optim.AdamW(trainable_parameters(module), **settings, fused=torch.cuda.is_available())
+    return torch.optim.AdamW(params, **settings, fused=torch.cuda.is_available())
 
 
 def eight_bit_adamw(name: str) -> type[torch.optim.Optimizer]:

@@ -1,9 +1,11 @@
 """How the processes of a run share it: one process, DDP or FSDP2, all through accelerate.
 
-`effective_strategy` reads the preset and the launch environment (it needs no torch), `build_accelerator` makes the
-Accelerator, `prepare_networks` hands the student, fake teacher and their optimizers to accelerate and shards or
-places the frozen teacher. Sharding is accelerate's FSDP2 (`fully_shard` per transformer block named by the
-backbone's `block_classes`); checkpoints of sharded runs are torch distributed checkpoints written by accelerate.
+`effective_strategy` reads the preset and the launch environment (it needs no torch), `check_supported` refuses
+what a strategy cannot combine with, `build_accelerator` makes the Accelerator, `prepare_networks` (and, for any
+set of trained modules, `prepare_trained` with `place_teacher`) hands the trained modules and their optimizers to
+accelerate and shards or places the frozen teacher. Sharding is accelerate's FSDP2 (`fully_shard` per
+transformer block named by the backbone's `block_classes`); checkpoints of sharded runs are torch distributed
+checkpoints written by accelerate.
 """
 
 from __future__ import annotations
@@ -122,13 +124,38 @@ def wrap_blocks(acc: Any, block_classes: list[type]) -> None:
 def prepare_networks(acc: Any, teacher_mode: str, student, teacher, fake, student_opt, fake_opt):
     """The networks and optimizers through accelerate: DDP-wrapped, or FSDP2-sharded (accelerate's FSDP2 takes
     one model with its optimizer per call); the frozen teacher is sharded too or replicated on every rank."""
+    (student, student_opt), (fake, fake_opt) = prepare_trained(acc, [(student, student_opt), (fake, fake_opt)])
+    return student, place_teacher(acc, teacher_mode, teacher), fake, student_opt, fake_opt
+
+
+def prepare_trained(acc: Any, pairs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """Trained (module, its optimizer) pairs through accelerate, in this order (the order of the checkpoint's
+    models and optimizers): one `prepare` call for DDP, one per pair under FSDP2. A module without any of the
+    backbone's blocks (TBCM's log-variance head) is sharded as one unit (accelerate refuses block names the
+    module lacks)."""
     if not acc.is_fsdp2:
-        student, fake, student_opt, fake_opt = acc.prepare(student, fake, student_opt, fake_opt)
-        return student, teacher.to(acc.device), fake, student_opt, fake_opt
-    student, student_opt = acc.prepare(student, student_opt)
-    fake, fake_opt = acc.prepare(fake, fake_opt)
-    teacher = shard_frozen(acc, teacher) if teacher_mode == "shard" else teacher.to(acc.device)
-    return student, teacher, fake, student_opt, fake_opt
+        prepared = acc.prepare(*[m for m, _ in pairs], *[o for _, o in pairs])
+        n = len(pairs)
+        return list(zip(prepared[:n], prepared[n:]))
+    plugin = acc.state.fsdp_plugin
+    blocks = plugin.transformer_cls_names_to_wrap
+    out = []
+    for module, optimizer in pairs:
+        if blocks is not None:
+            present = {type(m).__name__ for m in module.modules()}
+            plugin.transformer_cls_names_to_wrap = [n for n in blocks if n in present]
+        try:
+            out.append(acc.prepare(module, optimizer))
+        finally:
+            plugin.transformer_cls_names_to_wrap = blocks
+    return out
+
+
+def place_teacher(acc: Any, teacher_mode: str, teacher):
+    """The frozen teacher on this rank's device: whole, or sharded under FSDP2 with `parallel.teacher shard`."""
+    if acc.is_fsdp2 and teacher_mode == "shard":
+        return shard_frozen(acc, teacher)
+    return teacher.to(acc.device)
 
 
 def shard_frozen(acc: Any, module):

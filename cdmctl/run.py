@@ -15,7 +15,7 @@ from torch import nn
 
 from cdmctl.backbones import load_backbone, resolve_source
 from cdmctl.backbones.base import Backbone, Conditioning
-from cdmctl.config.schema import Preset
+from cdmctl.config.schema import SAMPLERS, Preset
 from cdmctl.engine import checkpoint as ckpt
 from cdmctl.engine.ema import StudentEMA
 from cdmctl.engine.loop import Distiller, Schedule, train
@@ -23,10 +23,12 @@ from cdmctl.engine.rng import generator
 from cdmctl.engine.roles import Roles
 from cdmctl.engine.simulate import simulate
 from cdmctl.engine.step import Batch, Draws
+from cdmctl.engine.tbcm import TBCMDistiller
+from cdmctl.engine.trigflow import LogVarHead, consistency_sample
 from cdmctl.errors import UserError
 from cdmctl.networks import adamw, build_networks, forward_context, lora_key
 from cdmctl.parallel import (FSDP2, SINGLE, build_accelerator, check_supported, effective_strategy, grad_clipper,
-                             mixed_precision, prepare_networks, wrap_blocks)
+                             mixed_precision, place_teacher, prepare_networks, prepare_trained, wrap_blocks)
 from cdmctl.prompts import load_prompts, prompt_file_sha256
 from cdmctl.quiet import quiet_libraries
 from cdmctl.runfolder import trim_metrics
@@ -175,10 +177,16 @@ class SampleGrid:
         self.noise = torch.stack([torch.randn(latent, generator=g) for g in gens]).to(device)
         levels = torch.tensor(preset.inference.schedule(), dtype=torch.float32)
         self.levels = backbone.shift(levels, preset.model.resolution, preset.model.resolution).to(device)
+        self.sampler = SAMPLERS[preset.method.family]
+        # the consistency sampler's fresh noise at each step, fixed like the starting noise
+        steps = len(self.levels) - 1
+        self.renoise = torch.stack([torch.randn((steps, *latent), generator=generator(preset.data.sample_seed, i, "renoise"))
+                                    for i in range(len(prompts))], dim=1).to(device)  # fmt: skip
 
     @torch.no_grad()
     def images(self, module: nn.Module, autocast) -> torch.Tensor:
-        """[P, 3, H, W] in [0, 1]: plain Euler with guidance 1 on the shifted inference schedule."""
+        """[P, 3, H, W] in [0, 1]: the family's sampler (Euler, or sCM's consistency sampler) with guidance 1 on the
+        shifted inference schedule."""
         was_training = module.training
         module.eval()
 
@@ -186,8 +194,11 @@ class SampleGrid:
             with autocast():
                 return self.backbone.velocity(module, x, s, self.cond.index(rows)).float()
 
-        last = torch.full((len(self.noise),), len(self.levels) - 1, device=self.noise.device)
-        final = simulate(velocity, self.noise, self.levels, last, keep_final=True).final
+        if self.sampler == "consistency":
+            final = consistency_sample(velocity, self.noise, self.levels, self.renoise)
+        else:
+            last = torch.full((len(self.noise),), len(self.levels) - 1, device=self.noise.device)
+            final = simulate(velocity, self.noise, self.levels, last, keep_final=True).final
         module.train(was_training)
         return self.backbone.decode(final)
 
@@ -324,15 +335,44 @@ class DistillRun:
         self.grid = SampleGrid(backbone, preset, self.latent, acc.device)
         if preset.data.cache_embeddings:
             backbone.release_text_encoders()  # every prompt is on disk now
-        student_opt, fake_opt = self.build_roles(compute)
-        self.distiller = Distiller(
-            acc, self.roles, preset.method, preset.optim, student_opt, fake_opt, self.ema,
-            make_batch=batch_maker(bank, self.per_process_batch(), self.latent, acc.device),
-            shift=lambda s, steps: backbone.shift(s, res, res, steps).to(s.device),
-            seed=preset.train.seed,
-            clip=grad_clipper(acc),
-        )
+        make_batch = batch_maker(bank, self.per_process_batch(), self.latent, acc.device)
+
+        def shift(s: torch.Tensor, steps: int | None = None) -> torch.Tensor:  # steps: the schedule's length
+            return backbone.shift(s, res, res, steps).to(s.device)
+
+        # the method family decides the networks and the iteration; the loop, hooks and checkpoints are shared
+        build = {"cdm": self.cdm_distiller, "tbcm": self.tbcm_distiller}[preset.method.family]
+        self.distiller = build(compute, make_batch, shift)
         self.log = RunLog(folder)
+
+    def cdm_distiller(self, compute: torch.dtype, make_batch, shift) -> Distiller:
+        preset = self.preset
+        student_opt, fake_opt = self.build_roles(compute)
+        return Distiller(self.accelerator, self.roles, preset.method, preset.optim, student_opt, fake_opt, self.ema,
+                         make_batch=make_batch, shift=shift, seed=preset.train.seed,
+                         clip=grad_clipper(self.accelerator))  # fmt: skip
+
+    def tbcm_distiller(self, compute: torch.dtype, make_batch, shift) -> TBCMDistiller:
+        """Student and teacher (no fake teacher) and the log-variance head, each trained module with its own
+        optimizer (accelerate's FSDP2 shards one model per optimizer): the checkpoint holds student, then head."""
+        preset, acc = self.preset, self.accelerator
+        from accelerate.utils import set_seed
+
+        set_seed(preset.train.seed)
+        student, teacher, _ = build_networks(self.backbone, preset, compute, fake=False)
+        # the head's fixed Fourier features come from their own stream, not the global generator
+        head = LogVarHead(generator=generator(preset.train.seed, "logvar-head"))
+        student_opt = adamw(student, preset.optim.student_lr, preset)
+        head_opt = adamw(head, preset.method.tbcm.logvar_lr or preset.optim.student_lr, preset, weight_decay=0.0)
+        (student, student_opt), (head, head_opt) = prepare_trained(acc, [(student, student_opt), (head, head_opt)])
+        teacher = place_teacher(acc, preset.parallel.teacher, teacher)
+        self.forward_context = forward_context(acc.autocast, preset.model.attention_backend)
+        self.roles = Roles(self.backbone, student, teacher, None, autocast=self.forward_context,
+                           unwrap=acc.unwrap_model)  # fmt: skip
+        self.ema = self.student_ema(student)
+        return TBCMDistiller(acc, self.roles, head, preset.method, preset.optim, [student_opt, head_opt], self.ema,
+                             make_batch=make_batch, shift=shift, seed=preset.train.seed,
+                             clip=grad_clipper(acc))  # fmt: skip
 
     def load_backbone(self, compute: torch.dtype) -> Backbone:
         """Every part in the compute dtype on the training device; trained copies get float32 masters later."""
@@ -355,10 +395,15 @@ class DistillRun:
             acc, preset.parallel.teacher, student, teacher, fake, student_opt, fake_opt)
         self.forward_context = forward_context(acc.autocast, preset.model.attention_backend)
         self.roles = Roles(self.backbone, student, teacher, fake, autocast=self.forward_context, unwrap=acc.unwrap_model)
-        ema_device = "cpu" if preset.optim.ema_device == "cpu" else None
-        self.ema = (StudentEMA(acc.unwrap_model(student), preset.optim.ema_max_decay, device=ema_device)
-                    if preset.optim.ema else None)  # fmt: skip
+        self.ema = self.student_ema(student)
         return student_opt, fake_opt
+
+    def student_ema(self, student: nn.Module) -> StudentEMA | None:
+        optim = self.preset.optim
+        ema_device = "cpu" if optim.ema_device == "cpu" else None
+        if not optim.ema:
+            return None
+        return StudentEMA(self.accelerator.unwrap_model(student), optim.ema_max_decay, device=ema_device)
 
     def per_process_batch(self) -> int:
         total, n = self.preset.train.batch_size, self.accelerator.num_processes

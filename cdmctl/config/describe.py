@@ -11,7 +11,10 @@ def describe_preset(model: BaseModel, indent: int = 0) -> str:
     """Every field as `key: value  # meaning`, sections nested, in declaration order."""
     lines: list[str] = []
     pad = "  " * indent
+    hidden = model.not_applicable() if hasattr(model, "not_applicable") else set()
     for name, field in type(model).model_fields.items():
+        if name in hidden:
+            continue
         value = getattr(model, name)
         doc = f"  # {field.description}" if field.description else ""
         if isinstance(value, BaseModel):

@@ -153,8 +153,66 @@ class ScheduleConfig(Section):
         return v
 
 
+# method name -> its family (docs/method.md): the CDM family trains against a fake teacher on student simulations;
+# TBCM is continuous-time consistency distillation on the teacher's own trajectories (no fake teacher)
+FAMILIES = {"cdm": "cdm", "cdm-fixed": "cdm", "ddmd": "cdm", "dmd2": "cdm", "tbcm": "tbcm"}
+SAMPLERS = {"cdm": "euler", "tbcm": "consistency"}  # how a family's students sample (generate, eval, export)
+
+
+def family_of(method_name: str) -> str:
+    """The family of a method name (a resolved preset's `method.name`); older presets only name CDM methods."""
+    return FAMILIES.get(method_name, "cdm")
+
+
+def sampler_of(preset: dict) -> str:
+    """'euler' or 'consistency': how the students of a resolved preset dict (a checkpoint's) are sampled."""
+    return SAMPLERS[family_of(((preset or {}).get("method") or {}).get("name", "cdm"))]
+
+
+class TBCMConfig(Section):
+    """TBCM (method tbcm): continuous-time consistency distillation on trajectory-sampled pairs (docs/method.md)."""
+
+    route_steps: int = Field(
+        16, ge=2, description="R: levels of the reference route, the teacher's own R-step schedule (its shift); each "
+        "iteration draws one time per route interval and keeps R - 1 training points per prompt.",
+    )
+    route_end: float = Field(
+        1e-3, gt=0, lt=1, description="1 / the teacher scheduler's num_train_timesteps: the route is its default "
+        "R-step schedule, shift(linspace(1, shift(route_end), R)), as diffusers' FlowMatchEulerDiscreteScheduler.",
+    )
+    guidance: list[float] = Field(
+        [4.0, 4.5, 5.0], min_length=1,
+        description="Teacher CFG scales of the rollouts; each prompt draws one (all 1: no unconditional half).",
+    )
+    sigma_data: float = Field(
+        0.5, gt=0, description="TrigFlow sigma_d: TrigFlow data = sigma_d x flow-space latent (latents of std ~1).",
+    )
+    tangent_warmup: int = Field(
+        4000, ge=0, description="Student updates over which r rises linearly from 0 to 1 (0: r = 1 from the start).",
+    )
+    cooldown_start: int | None = Field(
+        None, ge=0, description="Student update at which r starts falling to final_r (the TBCM code: 15000); null: never.",
+    )
+    cooldown_steps: int = Field(2000, ge=1, description="Student updates over which r falls to final_r.")
+    final_r: float = Field(0.75, ge=0, le=1, description="r after the cool-down.")
+    tangent_norm: float = Field(0.1, gt=0, description="c of the tangent normalisation g / (||g|| + c), per sample.")
+    jvp: Literal["autograd", "finite-difference"] = Field(
+        "autograd",
+        description="dF/dt of the student: torch.func.jvp under the math SDPA kernel on the unwrapped module, or a "
+        "central difference (two forwards of the wrapped module: works under DDP/FSDP2 and any attention kernel).",
+    )
+    jvp_eps: float = Field(
+        3e-4, gt=0, description="Finite-difference JVP: step along the tangent (TrigFlow time moves by at most eps / 2); "
+        "the error is O(eps^2) plus the forward's rounding / eps, so it needs float32 forwards.",
+    )
+    logvar_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the adaptive-weighting log-variance head; null = optim.student_lr.",
+    )
+
+
 class MethodConfig(Section):
-    name: Literal["cdm", "cdm-fixed", "ddmd", "dmd2"] = Field("cdm", description="Method label (see docs/method.md).")
+    name: Literal["cdm", "cdm-fixed", "ddmd", "dmd2", "tbcm"] = Field(
+        "cdm", description="Method label (see docs/method.md): cdm, cdm-fixed, ddmd, dmd2 (CDM family) or tbcm.")
     losses: LossWeights = Field(default_factory=LossWeights, description="Loss weights; any subset is an ablation.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Backward-simulation schedule.")
     guidance: float = Field(7.0, ge=0, description="Teacher guidance scale g used by CA and guided DM.")
@@ -179,6 +237,29 @@ class MethodConfig(Section):
     )
     merge_decay: float = Field(0.999, ge=0, le=1, description="After each fake step: F <- m F + (1 - m) G.")
     normaliser_floor: float = Field(0.1, gt=0, description="Lower clamp of the per-sample loss normaliser.")
+    tbcm: TBCMConfig | None = Field(
+        None, description="TBCM settings (method tbcm only; the CDM-family fields do not apply to it and `presets show` leaves them out).",
+    )
+
+    @property
+    def family(self) -> str:
+        """'cdm' (cdm, cdm-fixed, ddmd, dmd2) or 'tbcm'."""
+        return family_of(self.name)
+
+    def not_applicable(self) -> set[str]:
+        """Fields this method ignores, left out of `cdmctl presets show` (they stay in the resolved preset)."""
+        if self.family == "tbcm":
+            return {n for n in type(self).model_fields if n not in ("name", "tbcm")}
+        return {"tbcm"}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tbcm_section(cls, data):
+        # method tbcm always has its section (defaults unless given); it is filled before validation so that a
+        # resolved preset shows every TBCM field
+        if isinstance(data, dict) and data.get("name") == "tbcm" and data.get("tbcm") is None:
+            data = {**data, "tbcm": {}}
+        return data
 
     @field_validator("level_clamp")
     @classmethod
@@ -187,6 +268,10 @@ class MethodConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "MethodConfig":
+        if self.family != "tbcm" and self.tbcm is not None:
+            raise ValueError(f"method.tbcm is TBCM's section; method {self.name} must leave it null")
+        if self.family != "cdm":
+            return self  # the checks below are about the CDM family's losses and schedules
         if self.name == "dmd2" and (self.losses.ca or self.losses.cdm or self.losses.dm):
             raise ValueError("method dmd2 uses only the guided DM loss: set losses.ca, losses.dm, losses.cdm to 0")
         if self.name != "dmd2" and self.losses.guided_dm:
@@ -229,7 +314,10 @@ class OptimConfig(Section):
 
 
 class TrainConfig(Section):
-    iterations: int = Field(4000, ge=1, description="Fake-teacher iterations; the student updates every ttur_ratio.")
+    iterations: int = Field(
+        4000, ge=1, description="Iterations. CDM family: fake-teacher updates, the student's every ttur_ratio; tbcm: one "
+        "teacher rollout and one student update each.",
+    )
     batch_size: int = Field(128, ge=1, description="Global batch size (split across processes).")
     seed: int = Field(0, ge=0, description="Base seed; every draw is derived from (seed, iteration, rank).")
     max_nonfinite: int = Field(20, ge=1, description="Stop after this many skipped non-finite steps in a row.")

@@ -1,7 +1,9 @@
-"""The distillation loop: per iteration one simulation, a student update every k-th, a fake-teacher update, EMA.
+"""The distillation loop: `train` repeats a method family's iteration and calls the hooks; the CDM family's iteration.
 
-Reads top to bottom: `Distiller.iteration` is one iteration, `train` repeats it and calls the hooks
-(log, samples, checkpoint) that the run layer provides. Optimizer steps go through accelerate.
+Reads top to bottom: `Distiller.iteration` is one iteration of the CDM family (one simulation, a student update
+every k-th, a fake-teacher update, EMA); TBCM's is `engine.tbcm.TBCMDistiller.iteration`. `train` runs either (an
+`Iterating`) and calls the hooks (log, samples, checkpoint) that the run layer provides. Optimizer steps go
+through accelerate (`optimizer_step`, shared by both families).
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ class Counters:
     nonfinite_streak: int = 0
 
 
+class Iterating(Protocol):
+    """What `train` needs of a method family's distiller (CDM's `Distiller`, TBCM's `TBCMDistiller`)."""
+
+    counters: Counters
+    cost: CostCounter
+
+    def iteration(self) -> dict[str, float | torch.Tensor]: ...
+    def state(self) -> dict[str, int]: ...
+
+
 class Hooks(Protocol):
     def log(self, record: dict[str, Any]) -> None: ...
     def sample(self, iteration: int) -> None: ...
@@ -53,6 +65,51 @@ class Cycle:
     batch: Batch
     levels: torch.Tensor
     points: list[Trajectory]
+
+
+def all_ranks_agree(accelerator: Any, flag: torch.Tensor) -> bool:
+    """True only if `flag` holds on every process (a lone rank skipping backward would hang DDP)."""
+    flag = flag.to(accelerator.device, torch.float32).reshape(1)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum") / accelerator.num_processes
+    return bool(flag.item() == 1.0)
+
+
+def optimizer_step(accelerator: Any, counters: Counters, loss: torch.Tensor, optimizer, modules: list,
+                   lr: float | list[float], grad_clip: float,
+                   clip: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None,
+                   ) -> float | None:  # fmt: skip
+    """Backward, clip the trainable parameters of `modules`, step; a non-finite loss or gradient skips the step
+    (counted in `counters`). The parameters are looked up after the backward: FSDP2 registers the unsharded
+    tensors of a root module during forward and its sharded ones (which hold the gradients) after backward.
+
+    `optimizer` is one optimizer or a list (one backward, one clip over all their modules, every one stepped);
+    `lr` is every optimizer's learning rate, or one per optimizer. `clip(parameters, max_norm)` returns the norm
+    over all ranks (accelerate's by default; the run layer passes a sharding-aware one). Returns the clipped
+    norm, None if skipped.
+    """
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    rates = lr if isinstance(lr, list) else [lr] * len(optimizers)
+    finite = all_ranks_agree(accelerator, torch.isfinite(loss.detach()))
+    norm = None
+    if finite:
+        accelerator.backward(loss)
+        params = [p for module in modules for p in trainable_parameters(module)]
+        norm = (clip or accelerator.clip_grad_norm_)(params, grad_clip)  # unscales every optimizer's gradients
+        finite = bool(torch.isfinite(norm))  # the clipped norm is already reduced over ranks
+    if finite:
+        for i, (opt, rate) in enumerate(zip(optimizers, rates)):
+            for group in opt.param_groups:
+                group["lr"] = rate
+            # fp16: accelerate's step runs the loss scaler's step and update; a second optimizer after one update
+            # would be unscaled twice, so the others step their own optimizer (gradients unscaled, checked finite)
+            scaled = i > 0 and getattr(accelerator, "scaler", None) is not None
+            (opt.optimizer if scaled else opt).step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    counters.nonfinite_streak = 0 if finite else counters.nonfinite_streak + 1
+    counters.nonfinite += 0 if finite else 1
+    return float(norm) if finite else None
 
 
 def warmup_lr(base: float, step: int, warmup: int) -> float:
@@ -161,28 +218,11 @@ class Distiller:
 
     def apply(self, loss: torch.Tensor, optimizer, module, lr: float) -> float | None:
         """Backward, clip, step; a non-finite loss or gradient skips the step (counted). Returns the norm."""
-        acc, c = self.accelerator, self.counters
-        finite = self.all_ranks_agree(torch.isfinite(loss.detach()))
-        norm = None
-        if finite:
-            acc.backward(loss)
-            norm = self.clip(trainable_parameters(module), self.optim.grad_clip)
-            finite = bool(torch.isfinite(norm))  # the clipped norm is already reduced over ranks
-        if finite:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        c.nonfinite_streak = 0 if finite else c.nonfinite_streak + 1
-        c.nonfinite += 0 if finite else 1
-        return float(norm) if finite else None
+        return optimizer_step(self.accelerator, self.counters, loss, optimizer, [module], lr, self.optim.grad_clip,
+                              self.clip)  # fmt: skip
 
     def all_ranks_agree(self, flag: torch.Tensor) -> bool:
-        """True only if `flag` holds on every process (a lone rank skipping backward would hang DDP)."""
-        flag = flag.to(self.accelerator.device, torch.float32).reshape(1)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum") / self.accelerator.num_processes
-        return bool(flag.item() == 1.0)
+        return all_ranks_agree(self.accelerator, flag)
 
     def state(self) -> dict[str, int]:
         return asdict(self.counters)
@@ -215,7 +255,7 @@ def checkpoint_allowed(counters: Counters, final: bool) -> bool:
     return counters.nonfinite_streak == 0 or final
 
 
-def train(distiller: Distiller, schedule: Schedule, hooks: Hooks, batch_size: int) -> Counters:
+def train(distiller: Iterating, schedule: Schedule, hooks: Hooks, batch_size: int) -> Counters:
     """Run iterations until `schedule.total`, or until the hooks ask to stop; the hooks log, sample and checkpoint.
 
     A stop is honoured only between iterations, after a checkpoint of that iteration: the run layer turns
@@ -255,7 +295,7 @@ def train(distiller: Distiller, schedule: Schedule, hooks: Hooks, batch_size: in
     return distiller.counters
 
 
-def window_record(window: dict[str, list], distiller: Distiller, its: float, batch_size: int) -> dict:
+def window_record(window: dict[str, list], distiller: Iterating, its: float, batch_size: int) -> dict:
     """Means over the logging window, the counters, throughput, cumulative cost and memory.
 
     Throughput is of the whole run (the global batch over all processes), memory that of the largest process (a

@@ -26,7 +26,8 @@ class Roles:
     """Student, teacher and fake teacher as velocity functions `(x, s, cond) -> v`.
 
     `student` and `fake` are the modules the optimizers own (possibly wrapped by accelerate);
-    `teacher` is frozen. `autocast` is the mixed-precision context of every forward.
+    `teacher` is frozen. `autocast` is the mixed-precision context of every forward. A family without a
+    fake teacher (TBCM) passes `fake=None`.
     """
 
     def __init__(
@@ -34,7 +35,7 @@ class Roles:
         backbone: Backbone,
         student: nn.Module,
         teacher: nn.Module,
-        fake: nn.Module,
+        fake: nn.Module | None,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         unwrap: Callable[[nn.Module], nn.Module] = lambda m: m,
     ):
@@ -51,6 +52,11 @@ class Roles:
 
     def student(self, x: torch.Tensor, s: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self._velocity(self.student_module, x, s, cond)
+
+    def student_unwrapped(self, x: torch.Tensor, s: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The student without accelerate's DDP wrapper (torch.func.jvp needs no gradient hooks); under FSDP2 the
+        sharded module itself, whose hooks gather its parameters for the forward."""
+        return self._velocity(self.unwrap(self.student_module), x, s, cond)
 
     @torch.no_grad()
     def teacher(self, calls: Sequence[Call]) -> list[torch.Tensor]:
@@ -71,7 +77,7 @@ class Roles:
         """theta_F <- m theta_F + (1 - m) theta_G over the trainable parameters both share.
 
         Under FSDP2 both are sharded the same way (same blocks, same mesh), so each rank merges its own parts."""
-        if decay >= 1.0:
+        if decay >= 1.0 or self.fake_module is None:
             return
         student = dict(resharded(self.unwrap(self.student_module)).named_parameters())
         fake = resharded(self.unwrap(self.fake_module))
@@ -82,7 +88,8 @@ class Roles:
 
     def train_mode(self, student: bool, fake: bool) -> None:
         self.student_module.train(student)
-        self.fake_module.train(fake)
+        if self.fake_module is not None:
+            self.fake_module.train(fake)
 
 
 def batched(fn: Callable, calls: Sequence[Call]) -> list[torch.Tensor]:

@@ -40,6 +40,7 @@ def reference_guidance(folder: Path, default: float) -> float:
 
 def write_before_after(run: "DistillRun", per_prompt: int | None = None, seed: int = 0) -> Path:
     """Score and picture the run's student (EMA when kept) against its teacher; returns the PNG path."""
+    from cdmctl.config.schema import SAMPLERS
     from cdmctl.proving import evaluate, figure, metrics, teacher
     from cdmctl.proving.groundtruth import GroundTruth
 
@@ -48,7 +49,7 @@ def write_before_after(run: "DistillRun", per_prompt: int | None = None, seed: i
     text = teacher.load(Path(run.source))  # the run may have released its own text encoders
     cond, null = text.encode_prompts(gt.prompts), text.encode_prompts([""])
     steps, res = preset.inference.steps, preset.model.resolution
-    guidance = reference_guidance(Path(run.source), preset.method.guidance)
+    guidance = reference_guidance(Path(run.source), preset.method.guidance)  # the toy's file sets it
     student = run.accelerator.unwrap_model(run.roles.student_module)
     swap = run.ema.swapped_into(student) if run.ema is not None else contextlib.nullcontext()
     ref, ref_idx = metrics.reference_set(gt)
@@ -56,9 +57,11 @@ def write_before_after(run: "DistillRun", per_prompt: int | None = None, seed: i
     noise = evaluate.paired_noise(len(idx), gt.latent_shape, seed)
     rows = cond.index(idx)
 
-    def run_column(module, n, g):
-        x = evaluate.sample(run.backbone, module, rows, noise, n, res, g, null)
+    def run_column(module, n, g, sampler="euler"):
+        x = evaluate.sample(run.backbone, module, rows, noise, n, res, g, null, sampler=sampler, seed=seed)
         return x, metrics.score(gt, x, idx, ref, ref_idx)
+
+    student_sampler = SAMPLERS[preset.method.family]  # TBCM students: sCM's consistency sampler
 
     tm = run.roles.teacher_module
     columns = {
@@ -66,9 +69,9 @@ def write_before_after(run: "DistillRun", per_prompt: int | None = None, seed: i
         f"teacher, {steps} steps, guidance {guidance:g}": run_column(tm, steps, guidance),
     }
     with swap:
-        columns[f"student, {steps} steps"] = run_column(student, steps, 1.0)
+        columns[f"student, {steps} steps"] = run_column(student, steps, 1.0, student_sampler)
         # a student must not get worse with more steps: the 8-step column shows it (and the guard checks it)
-        columns[f"student, {MORE_STEPS} steps"] = run_column(student, MORE_STEPS, 1.0)
+        columns[f"student, {MORE_STEPS} steps"] = run_column(student, MORE_STEPS, 1.0, student_sampler)
     columns[f"teacher, {MORE_STEPS} steps"] = run_column(tm, MORE_STEPS, 1.0)
     columns[f"teacher, {REFERENCE_STEPS} steps, guidance {guidance:g}"] = run_column(tm, REFERENCE_STEPS, guidance)
     floor = metrics.noise_floor(gt, per_prompt)
