@@ -14,7 +14,6 @@ sigmas.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from cdmctl.backbones.base import Conditioning
+from cdmctl.backbones.family import DiffusersFamily, free_memory, refuse_text_length
 from cdmctl.backbones.flow import scheduler_shift
 from cdmctl.backbones.loading import load_parts, local_folder, read_index, resolve_dtype
 from cdmctl.errors import UserError
@@ -31,7 +31,7 @@ ENCODE_BATCH = 16  # prompts per text-encoder forward
 TEXT_TOKENS = 512  # the pipeline's max_sequence_length default (and tokenizer_max_length)
 
 
-class Flux2KleinBackbone:
+class Flux2KleinBackbone(DiffusersFamily):
     """FLUX.2 [klein] base (`Flux2KleinPipeline` folders with `is_distilled: false`): Qwen3 text encoder, packed
     latents with 4-axis position ids, flow matching with the step-dependent empirical shift.
 
@@ -67,11 +67,7 @@ class Flux2KleinBackbone:
                         max_sequence_length: int | None = None) -> Flux2KleinBackbone:  # fmt: skip
         """Load every part from a hub id or a local folder onto `device` in `dtype`; a step-distilled klein is
         refused (it has no CFG to distil and is already a few-step model)."""
-        if max_sequence_length is not None:
-            raise UserError(
-                "model.text_length does not apply to FLUX.2 [klein]: cdmctl encodes the pipeline's 512 text tokens",
-                "remove model.text_length from the preset (leave it null)",
-            )
+        refuse_text_length(max_sequence_length, "FLUX.2 [klein]: cdmctl encodes the pipeline's 512 text tokens")
         dtype = resolve_dtype(dtype)
         parts = load_parts(cls, source, revision=revision, dtype=dtype, device=device)
         folder = local_folder(source, cls.example_id, cls.builtin)
@@ -82,20 +78,7 @@ class Flux2KleinBackbone:
             )
         return cls(parts, source=source, revision=revision, dtype=dtype, device=device)
 
-    @staticmethod
-    def diffusers_pipeline() -> type:
-        try:
-            from diffusers import Flux2KleinPipeline
-        except ImportError as e:
-            raise UserError("this diffusers has no Flux2KleinPipeline", "upgrade diffusers: pip install -U diffusers") from e
-        return Flux2KleinPipeline
-
     # -- family traits (class-level: usable on a pipeline without loading the adapter) -------------
-
-    @staticmethod
-    def sampling_kwargs() -> dict[str, Any]:
-        """Nothing beyond the common arguments (the step count, which the shift needs, is passed by generate)."""
-        return {}
 
     @staticmethod
     def teacher_sampling() -> dict[str, Any]:
@@ -106,11 +89,6 @@ class Flux2KleinBackbone:
     def guidance_kwargs(scale: float) -> dict[str, Any]:
         """The pipeline's `guidance_scale` is the standard CFG scale (see the class docstring)."""
         return {"guidance_scale": float(scale)}
-
-    @staticmethod
-    def student_scheduler(scheduler: Any) -> Any:
-        """The pipeline's own scheduler: training shifts levels exactly as it does."""
-        return scheduler
 
     @staticmethod
     def student_pipeline_config() -> dict[str, Any]:
@@ -155,9 +133,7 @@ class Flux2KleinBackbone:
     def release_text_encoders(self) -> None:
         """Drop the Qwen3 text encoder (4B parameters for klein 4B, 8B for 9B) and return its memory."""
         self.text_encoder = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
     # -- latents and the denoiser ----------------------------------------------------------------
 

@@ -10,7 +10,6 @@ training prompt's conditioning depend on sampled text.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from cdmctl.backbones.base import Conditioning
+from cdmctl.backbones.family import DiffusersFamily, free_memory, refuse_text_length
 from cdmctl.backbones.flow import decode_latents, scheduler_shift
 from cdmctl.backbones.loading import load_parts, resolve_dtype
 from cdmctl.errors import UserError
@@ -27,7 +27,7 @@ PATCH = 2  # latents are packed in 2x2 patches
 ENCODE_BATCH = 16  # prompts per text-encoder forward
 
 
-class LongCatBackbone:
+class LongCatBackbone(DiffusersFamily):
     """LongCat-Image (`LongCatImagePipeline` folders): Qwen2.5-VL text encoder, packed latents with 3-axis
     position ids, flow matching with the resolution-dependent dynamic shift.
 
@@ -61,25 +61,11 @@ class LongCatBackbone:
     def from_pretrained(cls, source: str, *, revision: str | None = None, dtype: torch.dtype | str = torch.float32,
                         device: str | torch.device = "cpu", max_sequence_length: int | None = None) -> LongCatBackbone:  # fmt: skip
         """Load every part but the text processor from a hub id or a local folder onto `device` in `dtype`."""
-        if max_sequence_length is not None:
-            raise UserError(
-                "model.text_length does not apply to LongCat-Image: its pipeline always encodes 512 text tokens "
-                "(and places the image positions after them)",
-                "remove model.text_length from the preset (leave it null)",
-            )
+        refuse_text_length(max_sequence_length, "LongCat-Image: its pipeline always encodes 512 text tokens "
+                                                "(and places the image positions after them)")
         dtype = resolve_dtype(dtype)
         parts = load_parts(cls, source, revision=revision, dtype=dtype, device=device)
         return cls(parts, source=source, revision=revision, dtype=dtype, device=device)
-
-    @staticmethod
-    def diffusers_pipeline() -> type:
-        try:
-            from diffusers import LongCatImagePipeline
-        except ImportError as e:
-            raise UserError(
-                "this diffusers has no LongCatImagePipeline", "upgrade diffusers: pip install -U diffusers"
-            ) from e
-        return LongCatImagePipeline
 
     # -- family traits (class-level: usable on a pipeline without loading the adapter) -------------
 
@@ -98,16 +84,6 @@ class LongCatBackbone:
         """CFG convention: `guidance_scale` is the standard scale (CFG when > 1, the negative prompt "" by default,
         conditional and unconditional in two calls), then the pipeline renormalises it (`enable_cfg_renorm`)."""
         return {"guidance_scale": float(scale)}
-
-    @staticmethod
-    def student_scheduler(scheduler: Any) -> Any:
-        """The pipeline's own scheduler: training shifts levels exactly as it does."""
-        return scheduler
-
-    @staticmethod
-    def student_pipeline_config() -> dict[str, Any]:
-        """None: the family's pipeline has no flag for a few-step model."""
-        return {}
 
     @staticmethod
     def image_multiple(pipe: Any) -> int:
@@ -144,9 +120,7 @@ class LongCatBackbone:
     def release_text_encoders(self) -> None:
         """Drop the Qwen2.5-VL text encoder (7B parameters in LongCat-Image) and return its memory."""
         self.text_encoder = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
     # -- latents and the denoiser ----------------------------------------------------------------
 

@@ -15,7 +15,6 @@ samples on the dynamic shift alone, the same levels in training, in `cdmctl gene
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from cdmctl.backbones.base import Conditioning
+from cdmctl.backbones.family import DiffusersFamily, free_memory, refuse_text_length
 from cdmctl.backbones.flow import scheduler_shift
 from cdmctl.backbones.loading import load_parts, resolve_dtype
 from cdmctl.errors import UserError
@@ -32,7 +32,7 @@ ENCODE_BATCH = 16  # prompts per text-encoder forward
 TEXT_TOKENS = 512  # QwenImagePipeline.__call__'s max_sequence_length default
 
 
-class QwenImageBackbone:
+class QwenImageBackbone(DiffusersFamily):
     """Qwen-Image (`QwenImagePipeline` folders): Qwen2.5-VL text encoder with masks, packed latents, flow
     matching with the resolution-dependent dynamic shift (its terminal stretch dropped, see the module docstring).
 
@@ -69,29 +69,12 @@ class QwenImageBackbone:
                         device: str | torch.device = "cpu",
                         max_sequence_length: int | None = None) -> QwenImageBackbone:  # fmt: skip
         """Load every part from a hub id or a local folder onto `device` in `dtype`."""
-        if max_sequence_length is not None:
-            raise UserError(
-                "model.text_length does not apply to Qwen-Image: cdmctl encodes up to the pipeline's 512 text tokens",
-                "remove model.text_length from the preset (leave it null)",
-            )
+        refuse_text_length(max_sequence_length, "Qwen-Image: cdmctl encodes up to the pipeline's 512 text tokens")
         dtype = resolve_dtype(dtype)
         parts = load_parts(cls, source, revision=revision, dtype=dtype, device=device)
         return cls(parts, source=source, revision=revision, dtype=dtype, device=device)
 
-    @staticmethod
-    def diffusers_pipeline() -> type:
-        try:
-            from diffusers import QwenImagePipeline
-        except ImportError as e:
-            raise UserError("this diffusers has no QwenImagePipeline", "upgrade diffusers: pip install -U diffusers") from e
-        return QwenImagePipeline
-
     # -- family traits (class-level: usable on a pipeline without loading the adapter) -------------
-
-    @staticmethod
-    def sampling_kwargs() -> dict[str, Any]:
-        """Nothing beyond the common arguments."""
-        return {}
 
     @staticmethod
     def teacher_sampling() -> dict[str, Any]:
@@ -109,11 +92,6 @@ class QwenImageBackbone:
     def student_scheduler(scheduler: Any) -> Any:
         """The pipeline's scheduler without its terminal stretch (see the module docstring)."""
         return without_terminal_stretch(scheduler)
-
-    @staticmethod
-    def student_pipeline_config() -> dict[str, Any]:
-        """None: the family's pipeline has no flag for a few-step model."""
-        return {}
 
     @staticmethod
     def image_multiple(pipe: Any) -> int:
@@ -156,9 +134,7 @@ class QwenImageBackbone:
     def release_text_encoders(self) -> None:
         """Drop the Qwen2.5-VL text encoder (7B parameters in Qwen-Image) and return its memory."""
         self.text_encoder = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
     # -- latents and the denoiser ----------------------------------------------------------------
 

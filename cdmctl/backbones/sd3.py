@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from cdmctl.backbones.base import Conditioning
+from cdmctl.backbones.family import DiffusersFamily, free_memory
 from cdmctl.backbones.flow import decode_latents, scheduler_shift
 from cdmctl.backbones.loading import load_parts, resolve_dtype
 from cdmctl.errors import UserError
@@ -17,7 +17,7 @@ from cdmctl.errors import UserError
 _TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
-class SD3Backbone:
+class SD3Backbone(DiffusersFamily):
     """SD3 / SD3.5 (`StableDiffusion3Pipeline` folders): three text encoders, 2-D latents, shift-3 flow matching.
 
     Conditioning: `encoder_hidden_states` [B, 77 + max_sequence_length, joint_attention_dim] (77: the CLIP
@@ -57,12 +57,6 @@ class SD3Backbone:
         return cls(parts, source=source, revision=revision, dtype=dtype, device=device,
                    max_sequence_length=max_sequence_length)  # fmt: skip
 
-    @staticmethod
-    def diffusers_pipeline() -> type:
-        from diffusers import StableDiffusion3Pipeline
-
-        return StableDiffusion3Pipeline
-
     # -- family traits (class-level: usable on a pipeline without loading the adapter) -------------
 
     @staticmethod
@@ -80,16 +74,6 @@ class SD3Backbone:
         """CFG convention: `guidance_scale` is the standard scale (uncond + g (cond - uncond), CFG when g > 1), the
         negative prompt "" by default, the unconditional half of the batch first."""
         return {"guidance_scale": float(scale)}
-
-    @staticmethod
-    def student_scheduler(scheduler: Any) -> Any:
-        """The pipeline's own scheduler: training shifts levels exactly as it does."""
-        return scheduler
-
-    @staticmethod
-    def student_pipeline_config() -> dict[str, Any]:
-        """None: the family's pipeline has no flag for a few-step model."""
-        return {}
 
     @staticmethod
     def image_multiple(pipe: Any) -> int:
@@ -123,9 +107,7 @@ class SD3Backbone:
     def release_text_encoders(self) -> None:
         """Drop the three text encoders (T5-XXL alone is 4.7B parameters) and return their memory."""
         self._text = {k: None for k in _TEXT_PARTS}
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
     # -- latents and the denoiser ----------------------------------------------------------------
 

@@ -11,7 +11,6 @@ the conditioning holds them zero-padded to 512 with their lengths, and `velocity
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from cdmctl.backbones.base import Conditioning
+from cdmctl.backbones.family import DiffusersFamily, free_memory, refuse_text_length
 from cdmctl.backbones.flow import decode_latents, scheduler_shift
 from cdmctl.backbones.loading import load_parts, resolve_dtype
 from cdmctl.errors import UserError
@@ -28,7 +28,7 @@ ENCODE_BATCH = 16  # prompts per text-encoder forward
 TEXT_TOKENS = 512  # the pipeline's max_sequence_length default
 
 
-class ZImageBackbone:
+class ZImageBackbone(DiffusersFamily):
     """Z-Image (`ZImagePipeline` folders; the CFG base model, not the Turbo student): Qwen3 text encoder,
     variable-length captions, a single-stream transformer that predicts `x0 - eps` at time `1 - s`, flow matching
     with the scheduler's shift (the pipeline passes mu for its dynamic shift; a static-shift config ignores it).
@@ -64,29 +64,12 @@ class ZImageBackbone:
     def from_pretrained(cls, source: str, *, revision: str | None = None, dtype: torch.dtype | str = torch.float32,
                         device: str | torch.device = "cpu", max_sequence_length: int | None = None) -> ZImageBackbone:  # fmt: skip
         """Load every part from a hub id or a local folder onto `device` in `dtype`."""
-        if max_sequence_length is not None:
-            raise UserError(
-                "model.text_length does not apply to Z-Image: cdmctl encodes the pipeline's 512 text tokens",
-                "remove model.text_length from the preset (leave it null)",
-            )
+        refuse_text_length(max_sequence_length, "Z-Image: cdmctl encodes the pipeline's 512 text tokens")
         dtype = resolve_dtype(dtype)
         parts = load_parts(cls, source, revision=revision, dtype=dtype, device=device)
         return cls(parts, source=source, revision=revision, dtype=dtype, device=device)
 
-    @staticmethod
-    def diffusers_pipeline() -> type:
-        try:
-            from diffusers import ZImagePipeline
-        except ImportError as e:
-            raise UserError("this diffusers has no ZImagePipeline", "upgrade diffusers: pip install -U diffusers") from e
-        return ZImagePipeline
-
     # -- family traits (class-level: usable on a pipeline without loading the adapter) -------------
-
-    @staticmethod
-    def sampling_kwargs() -> dict[str, Any]:
-        """Nothing beyond the common arguments."""
-        return {}
 
     @staticmethod
     def teacher_sampling() -> dict[str, Any]:
@@ -97,16 +80,6 @@ class ZImageBackbone:
     def guidance_kwargs(scale: float) -> dict[str, Any]:
         """The pipeline's `guidance_scale` is the standard scale minus one (see the class docstring)."""
         return {"guidance_scale": float(scale) - 1.0}
-
-    @staticmethod
-    def student_scheduler(scheduler: Any) -> Any:
-        """The pipeline's own scheduler: training shifts levels exactly as it does."""
-        return scheduler
-
-    @staticmethod
-    def student_pipeline_config() -> dict[str, Any]:
-        """None: the family's pipeline has no flag for a few-step model."""
-        return {}
 
     @staticmethod
     def image_multiple(pipe: Any) -> int:
@@ -145,9 +118,7 @@ class ZImageBackbone:
     def release_text_encoders(self) -> None:
         """Drop the Qwen3 text encoder (4B parameters in Z-Image) and return its memory."""
         self.text_encoder = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
     # -- latents and the denoiser ----------------------------------------------------------------
 
