@@ -206,6 +206,8 @@ def eval_(
     dtype: Annotated[Optional[str], typer.Option(help="Student dtype (default bf16 on GPU, fp32 on CPU).")] = None,
     metric_option: Annotated[Optional[list[str]], typer.Option("--metric-option", "-o", help="METRIC.OPTION=VALUE, e.g. fid.reference=coco-2014-10k (repeatable).")] = None,
     rescore: Annotated[bool, typer.Option("--rescore", help="Discard stored scores of these metrics and score again.")] = False,
+    cache_embeddings: Annotated[bool, typer.Option("--cache-embeddings/--no-cache-embeddings", help="Sample from the on-disk prompt-embedding cache (encoded once per text encoder and prompt set; the text encoders are freed) instead of encoding prompts per batch.")] = True,
+    embedding_cache: Annotated[Optional[str], typer.Option(help="Embedding cache folder (default $CDMCTL_CACHE/embeddings, as distill's).")] = None,
     compare: Annotated[Optional[list[str]], typer.Option("--compare", help="Only print one table over these result folders.")] = None,
 ) -> None:
     """Generate images for a prompt set and score them (PickScore, HPS, FID, ...); or compare result folders."""
@@ -238,6 +240,8 @@ def eval_(
             num_per_prompt=num_per_prompt, batch_size=batch_size,
             score_batch_size=score_batch_size, height=height, width=width, checkpoint=checkpoint, ema=ema,
             device=device, dtype=dtype, rescore=rescore,
+            embeddings=ev.EmbeddingSettings(cache_embeddings, embedding_cache),
+            note=lambda line: console.print(line, highlight=False, markup=False),
         )  # fmt: skip
     if rows:
         console.print(ev.render_table(rows))

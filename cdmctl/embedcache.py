@@ -62,6 +62,14 @@ def model_identity(source: str) -> dict[str, Any]:
     return {"path": str(path.resolve()), "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
 
+def key_fields(family: str, source: str, revision: str | None, text_length: int | None, dtype: torch.dtype,
+               prompts: Sequence[str]) -> dict[str, Any]:  # fmt: skip
+    """What a cache's content depends on: the family, the model its text encoders come from, the text length, the
+    dtype the encoders run in and the prompts. Training and `eval` key alike, so either reuses the other's cache."""
+    return {"backbone": family, "model": model_identity(source), "revision": revision, "text_length": text_length,
+            "dtype": str(dtype).removeprefix("torch."), "prompts_sha256": prompts_digest(prompts)}  # fmt: skip
+
+
 def cache_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps({"format": FORMAT, **fields}, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -152,13 +152,75 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
         )
 
 
-def _student_sampler(model: str, out: Path, *, steps: int | None, sigmas: list[float] | None, height: int | None,
-                     width: int | None, batch_size: int, checkpoint: str | int, ema: bool, device: str | None,
-                     dtype: str | None) -> Sampler:  # fmt: skip
+@dataclass
+class EmbeddingSettings:
+    """Whether `eval` samples from the on-disk prompt-embedding cache, and where it lives (None: the default)."""
+
+    enabled: bool = True
+    root: str | None = None
+
+
+def eval_ranks(rank: int, world_size: int) -> Any:
+    """The embedding cache's view of the eval processes (accelerate's process group when there are several)."""
+    from cdmctl.embedcache import Ranks
+
+    if world_size == 1:
+        return Ranks()
+    import torch
+
+    state = process_state()
+
+    def any_true(flag: bool) -> bool:
+        total = torch.tensor([float(flag)], device=state.device)
+        torch.distributed.all_reduce(total)
+        return bool(total.item() > 0)
+
+    return Ranks(rank, world_size, state.wait_for_everyone, any_true)
+
+
+def use_embedding_cache(student: Any, prompts: Sequence[str], settings: EmbeddingSettings, ranks: Any,
+                        batch_size: int) -> str | None:  # fmt: skip
+    """Make `student` sample `prompts` from the embedding cache, encoding it first (every rank its share) when its
+    text encoders, text length, dtype and prompt list have none; the text encoders are freed either way. The key is
+    training's, so a run's own prompts reuse the run's cache. Returns a line for the user; None when the student's
+    pipeline is of no known family (it keeps encoding prompt strings)."""
+    import time
+
+    import torch
+
+    from cdmctl.embedcache import default_root, key_fields, open_or_build
+
+    if not settings.enabled or student.adapter is None:
+        return None
+    fields = key_fields(student.adapter.family, student.text_source, student.text_revision,
+                        student.max_sequence_length, student.dtype, prompts)  # fmt: skip
+    encoder: list[Any] = []  # the adapter over the pipeline's text encoders, made on the first batch to encode
+
+    def encode(batch: list[str]) -> Any:
+        encoder[:] = encoder or [student.text_encoder()]
+        return encoder[0].encode_prompts(batch).to("cpu")
+
+    start = time.perf_counter()
+    cache, built = open_or_build(default_root(settings.root), fields, prompts, encode, ranks, batch_size=batch_size)
+    encoder.clear()
+    rows = {prompt: i for i, prompt in enumerate(prompts)}
+    student.use_embeddings(lambda chunk: cache.conditioning(torch.tensor([rows[p] for p in chunk])))
+    verb = f"encoded {len(prompts)} prompts in {time.perf_counter() - start:.1f} s" if built else \
+        f"reused the cache of {len(prompts)} prompts"  # fmt: skip
+    return f"prompt embeddings: {verb} ({cache.folder}); text encoders freed"
+
+
+def _student_sampler(model: str, out: Path, prompts: Sequence[str], *, steps: int | None, sigmas: list[float] | None,
+                     height: int | None, width: int | None, batch_size: int, checkpoint: str | int, ema: bool,
+                     device: str | None, dtype: str | None, embeddings: EmbeddingSettings, ranks: Any,
+                     note: Callable[[str], None] | None) -> Sampler:  # fmt: skip
     from cdmctl.generate import open_model
 
     student = open_model(model, checkpoint=checkpoint, ema=ema, device=device, dtype=dtype)
     _write_atomic(out / STUDENT, json.dumps(student.describe(steps, sigmas), indent=2, default=str) + "\n")
+    line = use_embedding_cache(student, prompts, embeddings, ranks, batch_size)
+    if line and note is not None and ranks.rank == 0:
+        note(line)
 
     def sample(prompts: list[str], seeds: list[int]) -> Sequence[Image.Image]:
         return student.sample(prompts, seeds, steps=steps, sigmas=sigmas, height=height, width=width, batch_size=batch_size)
@@ -197,8 +259,11 @@ def run_generate(
     prompt_source: str | None = None,
     sampler: Sampler | None = None,
     progress: Progress | None = None,
+    embeddings: EmbeddingSettings = EmbeddingSettings(),
+    note: Callable[[str], None] | None = None,
 ) -> GenerateResult:
-    """Generate this rank's missing images into `out`; `sampler(prompts, seeds)` defaults to the student."""
+    """Generate this rank's missing images into `out`; `sampler(prompts, seeds)` defaults to the student, which
+    samples from the embedding cache unless `embeddings` says not to."""
     from cdmctl.prompt_sets import prompts_digest
 
     if num_per_prompt < 1 or batch_size < 1:
@@ -216,11 +281,16 @@ def run_generate(
     mine = [(i, j) for i in rank_indices(len(prompts), rank, world_size) for j in range(num_per_prompt)]
     jobs = [(i, j) for i, j in mine if image_name(i, j) not in done]
     result = GenerateResult(generated=0, skipped=len(mine) - len(jobs), total=len(mine))
-    if not jobs:
+    # every rank builds its share of the cache, so with several a rank with nothing left to draw still takes part
+    ranks = eval_ranks(rank, world_size) if sampler is None and embeddings.enabled else None
+    if not (ranks.any_true(bool(jobs)) if ranks is not None else jobs):
         return result
     if sampler is None:
-        sampler = _student_sampler(model, out, steps=steps, sigmas=sigmas, height=height, width=width,
-                                   batch_size=batch_size, checkpoint=checkpoint, ema=ema, device=device, dtype=dtype)  # fmt: skip
+        sampler = _student_sampler(model, out, prompts, steps=steps, sigmas=sigmas, height=height, width=width,
+                                   batch_size=batch_size, checkpoint=checkpoint, ema=ema, device=device, dtype=dtype,
+                                   embeddings=embeddings, ranks=ranks or eval_ranks(rank, world_size), note=note)  # fmt: skip
+    if not jobs:
+        return result
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
     with (out / f"{MANIFEST_PREFIX}{rank:05d}.jsonl").open("a", encoding="utf-8") as manifest:
         for chunk in _batches(jobs, batch_size):
@@ -578,10 +648,17 @@ def model_dirs(out: str | Path, models: Sequence[str]) -> list[Path]:
     return [out / name for name in names]
 
 
-def _barrier() -> None:
+def process_state() -> Any:
+    """accelerate's view of the launched processes. Without CUDA it must be asked for CPU processes, else each rank
+    sees itself alone and its barriers return at once (a gloo group on CPU)."""
+    import torch
     from accelerate import PartialState
 
-    PartialState().wait_for_everyone()
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _barrier() -> None:
+    process_state().wait_for_everyone()
 
 
 def check_phase(phase: str) -> str:
@@ -616,6 +693,8 @@ def run_eval(
     world_size: int | None = None,
     sampler_factory: Callable[[str], Sampler] | None = None,
     progress: Progress | None = None,
+    embeddings: EmbeddingSettings = EmbeddingSettings(),
+    note: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Generate and/or score every model; returns compare() rows (empty on ranks > 0 and for --phase generate).
 
@@ -641,6 +720,7 @@ def run_eval(
                     batch_size=batch_size, height=height, width=width, rank=rank, world_size=world_size,
                     checkpoint=checkpoint, ema=ema, device=device, dtype=dtype, prompt_source=prompts,
                     sampler=sampler_factory(model) if sampler_factory else None, progress=progress,
+                    embeddings=embeddings, note=note,
                 )  # fmt: skip
             if world_size > 1:
                 _barrier()

@@ -45,6 +45,10 @@ class Student:
     info: dict[str, Any] = field(default_factory=dict)
     # the family adapter class of the pipeline (its class-level sampling traits), None for other pipelines
     adapter: Any = None
+    text_source: str | None = None  # where its text encoders were loaded from (a folder or hub id)
+    text_revision: str | None = None
+    # prompts -> their cached Conditioning, when the student samples from an embedding cache (see use_embeddings)
+    embeddings: Callable[[list[str]], Any] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -143,7 +147,33 @@ class Student:
         # the step count too: a pipeline may compute its shift from it (Flux.2) even when given the sigmas
         settings = {"sigmas": levels, "num_inference_steps": len(levels), **self.guidance_kwargs(1.0),
                     **self.call_kwargs()}  # fmt: skip
-        return run_pipeline(self.pipe, prompts, seeds, settings, self.image_size(height, width), batch_size, progress)
+        return run_pipeline(self.pipe, prompts, seeds, settings, self.image_size(height, width), batch_size, progress,
+                            self.prompt_kwargs)  # fmt: skip
+
+    def prompt_kwargs(self, prompts: list[str]) -> dict[str, Any]:
+        """How one pipeline call gets its prompts: as strings, or as their cached embeddings."""
+        if self.embeddings is None:
+            return {"prompt": prompts}
+        return self.adapter.embedding_kwargs(self.embeddings(prompts).to(self.device, self.dtype))
+
+    def text_encoder(self) -> Any:
+        """The family adapter over this pipeline's own parts: its `encode_prompts` encodes as training did."""
+        text_length = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
+        if "max_sequence_length" not in inspect.signature(self.adapter).parameters:
+            text_length = {}  # a family whose pipeline fixes its text length
+        return self.adapter(dict(self.pipe.components), source=self.text_source, revision=self.text_revision,
+                            dtype=self.dtype, device=self.device, **text_length)  # fmt: skip
+
+    def use_embeddings(self, embeddings: Callable[[list[str]], Any]) -> None:
+        """Sample from `embeddings(prompts)` (cached Conditioning) from now on, and free the text encoders."""
+        from cdmctl.backbones.family import free_memory
+
+        self.embeddings = embeddings
+        self.adapter.accept_embeddings(self.pipe)
+        for name, part in list(self.pipe.components.items()):
+            if name.startswith("text_encoder") and part is not None:  # diffusers' name for every text encoder
+                self.pipe.register_modules(**{name: None})
+        free_memory()
 
     def guidance_kwargs(self, scale: float) -> dict[str, Any]:
         """The pipeline's arguments for standard CFG at `scale` (1: none) in its family's convention."""
@@ -175,8 +205,10 @@ def run_pipeline(
     size: tuple[int, int],
     batch_size: int,
     progress: Callable[[int], None] | None,
+    prompt_kwargs: Callable[[list[str]], dict[str, Any]] = lambda chunk: {"prompt": chunk},
 ) -> list[Any]:
-    """Call `pipe` in batches with one seeded CPU generator per image; returns PIL images in order."""
+    """Call `pipe` in batches with one seeded CPU generator per image; returns PIL images in order.
+    `prompt_kwargs(chunk)` gives a call its prompts (strings by default, or their embeddings)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     if batch_size < 1:
@@ -190,7 +222,8 @@ def run_pipeline(
         if isinstance(call.get("negative_prompt"), str):  # one per prompt: pipelines do not broadcast a single one
             call["negative_prompt"] = [call["negative_prompt"]] * len(chunk)
         with torch.inference_mode(), per_image_renoise(pipe, generators):
-            out = pipe(prompt=chunk, height=size[0], width=size[1], generator=generators, output_type="pil", **call)
+            out = pipe(height=size[0], width=size[1], generator=generators, output_type="pil",
+                       **prompt_kwargs(chunk), **call)  # fmt: skip
         images.extend(out.images)
         if progress is not None:
             progress(len(chunk))
@@ -331,7 +364,8 @@ def open_model(
     return student
 
 
-def _student(pipe: Any, model: str, info: dict[str, Any]) -> Student:
+def _student(pipe: Any, model: str, info: dict[str, Any], text_source: str, text_revision: str | None = None) -> Student:
+    """`text_source` (and its revision): where the pipeline's text encoders came from (the embedding cache's key)."""
     from cdmctl.backbones import adapter_for_pipeline
 
     steps, levels = info.get("steps") or DEFAULT_STEPS, info.get("levels")
@@ -343,7 +377,7 @@ def _student(pipe: Any, model: str, info: dict[str, Any]) -> Student:
     return Student(
         pipe=pipe, model=model, steps=int(steps), levels=levels, resolution=info.get("resolution"),
         max_sequence_length=info.get("max_sequence_length"), base_model=info.get("base_model"),
-        revision=info.get("revision"), info=info, adapter=adapter,
+        revision=info.get("revision"), info=info, adapter=adapter, text_source=text_source, text_revision=text_revision,
     )  # fmt: skip
 
 
@@ -365,7 +399,7 @@ def _from_pipeline(source: str, info: dict[str, Any], dtype: torch.dtype, model:
         pipe = load_pipeline(source, dtype)
     except Exception as exc:  # noqa: BLE001 - diffusers raises many types for a bad folder or id
         raise UserError(f"cannot load {source} as a diffusers pipeline: {exc}", "check the folder or hub id") from exc
-    return _student(pipe, model, info)
+    return _student(pipe, model, info, source)
 
 
 def _from_lora(source: str, info: dict[str, Any], dtype: torch.dtype, model: str) -> Student:
@@ -386,7 +420,7 @@ def _from_lora(source: str, info: dict[str, Any], dtype: torch.dtype, model: str
     except Exception as exc:  # noqa: BLE001
         fix = "check that the base model is reachable"
         raise UserError(f"cannot load the LoRA {source} on {base}: {exc}", fix) from exc
-    return _student(pipe, model, info)
+    return _student(pipe, model, info, base, info.get("revision"))
 
 
 def _from_run(run_dir: Path, checkpoint: str | int, ema: bool, dtype: torch.dtype) -> Student:
@@ -402,7 +436,8 @@ def _from_run(run_dir: Path, checkpoint: str | int, ema: bool, dtype: torch.dtyp
         "max_sequence_length": (preset.get("model") or {}).get("text_length"),
         "base_model": manifest.get("base_model"), "revision": manifest.get("revision"),
     }  # fmt: skip
-    return _student(pipe, f"{run_dir}@{ckpt.name}:{'ema' if ema else 'student'}", info)
+    return _student(pipe, f"{run_dir}@{ckpt.name}:{'ema' if ema else 'student'}", info, manifest["base_model"],
+                    manifest.get("revision"))  # fmt: skip
 
 
 def _from_hub(model_id: str, dtype: torch.dtype) -> Student:

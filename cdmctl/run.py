@@ -138,12 +138,10 @@ def cached_prompts(preset: Preset, source: str, backbone: Backbone, prompts: lis
     model, text setting and prompt list have none yet. Returns (cache, a line for the user)."""
     import time
 
-    from cdmctl.embedcache import default_root, model_identity, open_or_build, prompts_digest
+    from cdmctl.embedcache import default_root, key_fields, open_or_build
 
     model, data = preset.model, preset.data
-    fields = {"backbone": model.backbone, "model": model_identity(source), "revision": model.revision,
-              "text_length": model.text_length, "dtype": str(compute).removeprefix("torch."),
-              "prompts_sha256": prompts_digest(prompts)}  # fmt: skip
+    fields = key_fields(model.backbone, source, model.revision, model.text_length, compute, prompts)
     start = time.perf_counter()
     cache, built = open_or_build(default_root(data.embedding_cache), fields, prompts,
                                  lambda batch: backbone.encode_prompts(batch).to("cpu"), ranks_of(acc),

@@ -99,6 +99,17 @@ class Backbone(Protocol):
         `steps`-step call (e.g. `mu`; Flux.2's depends on the step count)."""
         ...
 
+    def embedding_kwargs(self, cond: Conditioning) -> dict[str, Any]:
+        """The pipeline call arguments that pass the prompts' cached `Conditioning` (from `encode_prompts`) in
+        place of prompt strings, for a call without CFG (how a student samples): `prompt_embeds` and whatever else
+        the family's pipeline takes beside it. With them a pipeline samples without its text encoders."""
+        ...
+
+    def accept_embeddings(self, pipe: Any) -> None:
+        """Make the pipeline `pipe` take `embedding_kwargs` without prompt strings where its diffusers version
+        cannot (LongCat); usually nothing to do."""
+        ...
+
     # -- the model ----------------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:

@@ -38,6 +38,15 @@ class DiffusersFamily:
         return scheduler
 
     @staticmethod
+    def embedding_kwargs(cond: Any) -> dict[str, Any]:
+        """The text embeddings alone (the pipeline derives the text positions from their length)."""
+        return {"prompt_embeds": cond.tensors["encoder_hidden_states"]}
+
+    @staticmethod
+    def accept_embeddings(pipe: Any) -> None:
+        """Nothing: the pipeline takes `prompt_embeds` without a prompt."""
+
+    @staticmethod
     def student_pipeline_config() -> dict[str, Any]:
         """None: the family's pipeline has no flag for a few-step model."""
         return {}

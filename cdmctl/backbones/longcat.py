@@ -86,6 +86,20 @@ class LongCatBackbone(DiffusersFamily):
         return {"guidance_scale": float(scale)}
 
     @staticmethod
+    def accept_embeddings(pipe: Any) -> None:
+        """LongCatImagePipeline.encode_prompt reads `len(prompt)` even when given `prompt_embeds` (diffusers 0.42;
+        diffusers issue #13636), so a call with embeddings alone fails. This pipeline's encode_prompt gets a
+        placeholder list of the embeddings' batch size in that case: only its length is read."""
+        original = pipe.encode_prompt
+
+        def encode_prompt(prompt=None, num_images_per_prompt=1, prompt_embeds=None):
+            if prompt is None and prompt_embeds is not None:
+                prompt = [""] * prompt_embeds.shape[0]
+            return original(prompt=prompt, num_images_per_prompt=num_images_per_prompt, prompt_embeds=prompt_embeds)
+
+        pipe.encode_prompt = encode_prompt
+
+    @staticmethod
     def image_multiple(pipe: Any) -> int:
         return pipe.vae_scale_factor * PATCH
 

@@ -102,6 +102,12 @@ class QwenImageBackbone(DiffusersFamily):
         """The pipeline passes mu (for the image's packed sequence length) to every set_timesteps call."""
         return {"mu": image_mu(pipe.scheduler.config, pipe.vae_scale_factor, height, width)}
 
+    @staticmethod
+    def embedding_kwargs(cond: Conditioning) -> dict[str, Any]:
+        """The embeddings and their mask cut to the batch's longest prompt, as the pipeline pads a batch."""
+        embeds, mask = longest_prompt(cond)
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+
     # -- prompts ---------------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
@@ -157,14 +163,12 @@ class QwenImageBackbone(DiffusersFamily):
         s = torch.as_tensor(s, device=x.device)
         if s.ndim == 0:
             s = s.expand(batch)
-        mask = cond.tensors["encoder_hidden_states_mask"]
-        length = int(mask.sum(dim=1).max())  # the batch's longest prompt, as the pipeline pads a batch
-        embeds, mask = cond.tensors["encoder_hidden_states"][:, :length], mask[:, :length]
+        embeds, mask = longest_prompt(cond)
         out = model(
             hidden_states=pipeline._pack_latents(x.to(param_dtype), batch, channels, h, w),
             timestep=s.float(),  # the level itself: the time projection scales by 1000
             guidance=None,
-            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+            encoder_hidden_states_mask=mask,
             encoder_hidden_states=embeds if embeds.dtype == param_dtype else embeds.to(param_dtype),
             img_shapes=[[(1, h // PATCH, w // PATCH)]] * batch,
             return_dict=False,
@@ -243,3 +247,12 @@ def image_mu(config: Any, vae_scale_factor: int, height: int, width: int) -> flo
         config.get("base_shift", 0.5),
         config.get("max_shift", 1.15),
     )
+
+
+def longest_prompt(cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The cached (512-token, zero-padded) embeddings cut to the batch's longest prompt, with their mask (None when
+    no token is padding: the pipeline then passes none)."""
+    mask = cond.tensors["encoder_hidden_states_mask"]
+    length = int(mask.sum(dim=1).max())
+    embeds, mask = cond.tensors["encoder_hidden_states"][:, :length], mask[:, :length]
+    return embeds, None if bool(mask.all()) else mask

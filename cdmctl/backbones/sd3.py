@@ -84,6 +84,12 @@ class SD3Backbone(DiffusersFamily):
         mu = _mu(pipe.scheduler.config, pipe.patch_size, pipe.vae_scale_factor, height, width)
         return {} if mu is None else {"mu": mu}
 
+    @staticmethod
+    def embedding_kwargs(cond: Conditioning) -> dict[str, Any]:
+        """Both of SD3's prompt tensors, as its pipeline's encode_prompt returns them."""
+        return {"prompt_embeds": cond.tensors["encoder_hidden_states"],
+                "pooled_prompt_embeds": cond.tensors["pooled_projections"]}  # fmt: skip
+
     # -- prompts ---------------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:

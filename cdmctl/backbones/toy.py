@@ -83,6 +83,15 @@ class ToyBackbone:
     def scheduler_kwargs(pipe: Any, height: int, width: int, steps: int) -> dict[str, Any]:
         return {}
 
+    @staticmethod
+    def accept_embeddings(pipe: Any) -> None:
+        """No pipeline (see `pipeline`)."""
+
+    @staticmethod
+    def embedding_kwargs(cond: Conditioning) -> dict[str, Any]:
+        """No pipeline to pass them to (see `pipeline`)."""
+        raise UserError("the toy backbone has no diffusers pipeline", fix="sample a diffusers backbone's student")
+
     def __init__(
         self,
         channels: int = 2,

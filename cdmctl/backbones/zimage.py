@@ -90,6 +90,12 @@ class ZImageBackbone(DiffusersFamily):
         """The pipeline passes mu (for the image's token count) to every set_timesteps call."""
         return {"mu": image_mu(pipe.scheduler.config, pipe.vae_scale_factor, height, width)}
 
+    @staticmethod
+    def embedding_kwargs(cond: Conditioning) -> dict[str, Any]:
+        """The pipeline takes one own-length caption feature tensor per prompt."""
+        feats = cond.tensors["cap_feats"]
+        return {"prompt_embeds": unpad_captions(cond, feats.dtype)}
+
     # -- prompts ---------------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
