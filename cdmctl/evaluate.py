@@ -180,10 +180,11 @@ def eval_ranks(rank: int, world_size: int) -> Any:
 
 def use_embedding_cache(student: Any, prompts: Sequence[str], settings: EmbeddingSettings, ranks: Any,
                         batch_size: int) -> str | None:  # fmt: skip
-    """Make `student` sample `prompts` from the embedding cache, encoding it first (every rank its share) when its
-    text encoders, text length, dtype and prompt list have none; the text encoders are freed either way. The key is
-    training's, so a run's own prompts reuse the run's cache. Returns a line for the user; None when the student's
-    pipeline is of no known family (it keeps encoding prompt strings)."""
+    """Make `student` (opened with or without its text encoders) sample `prompts` from the embedding cache,
+    encoding it first (every rank its share) when its text encoders, text length, dtype and prompt list have none,
+    and free the text encoders: a complete cache never needs them loaded. The key is training's, so a run's own
+    prompts reuse the run's cache. Returns a line for the user; None when the cache is off or the student's pipeline
+    is of no known family (it then encodes prompt strings, its text encoders loaded)."""
     import time
 
     import torch
@@ -191,13 +192,16 @@ def use_embedding_cache(student: Any, prompts: Sequence[str], settings: Embeddin
     from cdmctl.embedcache import default_root, key_fields, open_or_build
 
     if not settings.enabled or student.adapter is None:
+        student.load_text_encoders()
         return None
     fields = key_fields(student.adapter.family, student.text_source, student.text_revision,
                         student.max_sequence_length, student.dtype, prompts)  # fmt: skip
     encoder: list[Any] = []  # the adapter over the pipeline's text encoders, made on the first batch to encode
 
     def encode(batch: list[str]) -> Any:
-        encoder[:] = encoder or [student.text_encoder()]
+        if not encoder:
+            student.load_text_encoders()
+            encoder.append(student.text_encoder())
         return encoder[0].encode_prompts(batch).to("cpu")
 
     start = time.perf_counter()
@@ -207,7 +211,7 @@ def use_embedding_cache(student: Any, prompts: Sequence[str], settings: Embeddin
     student.use_embeddings(lambda chunk: cache.conditioning(torch.tensor([rows[p] for p in chunk])))
     verb = f"encoded {len(prompts)} prompts in {time.perf_counter() - start:.1f} s" if built else \
         f"reused the cache of {len(prompts)} prompts"  # fmt: skip
-    return f"prompt embeddings: {verb} ({cache.folder}); text encoders freed"
+    return f"prompt embeddings: {verb} ({cache.folder})"
 
 
 def _student_sampler(model: str, out: Path, prompts: Sequence[str], *, steps: int | None, sigmas: list[float] | None,
@@ -216,7 +220,8 @@ def _student_sampler(model: str, out: Path, prompts: Sequence[str], *, steps: in
                      note: Callable[[str], None] | None) -> Sampler:  # fmt: skip
     from cdmctl.generate import open_model
 
-    student = open_model(model, checkpoint=checkpoint, ema=ema, device=device, dtype=dtype)
+    student = open_model(model, checkpoint=checkpoint, ema=ema, device=device, dtype=dtype,
+                         text_encoders=not embeddings.enabled)  # fmt: skip
     _write_atomic(out / STUDENT, json.dumps(student.describe(steps, sigmas), indent=2, default=str) + "\n")
     line = use_embedding_cache(student, prompts, embeddings, ranks, batch_size)
     if line and note is not None and ranks.rank == 0:

@@ -170,10 +170,23 @@ class Student:
 
         self.embeddings = embeddings
         self.adapter.accept_embeddings(self.pipe)
-        for name, part in list(self.pipe.components.items()):
-            if name.startswith("text_encoder") and part is not None:  # diffusers' name for every text encoder
-                self.pipe.register_modules(**{name: None})
+        loaded = [name for name, part in self.pipe.components.items() if is_text_encoder(name) and part is not None]
+        self.pipe.register_modules(**dict.fromkeys(loaded))
         free_memory()
+
+    def load_text_encoders(self) -> None:
+        """Load the text encoders it was opened without (`open_model(text_encoders=False)`) from `text_source`."""
+        from diffusers import DiffusionPipeline
+
+        missing = [name for name, part in self.pipe.components.items() if is_text_encoder(name) and part is None]
+        index = DiffusionPipeline.load_config(self.text_source, revision=self.text_revision) if missing else {}
+        missing = [name for name in missing if (index.get(name) or [None])[0] is not None]  # the model has them
+        if not missing:
+            return
+        others = [part for part in index if not part.startswith("_") and part not in missing]
+        loaded = DiffusionPipeline.from_pretrained(self.text_source, revision=self.text_revision,
+                                                   **dict.fromkeys(others), **dtype_kwarg(self.dtype))  # fmt: skip
+        self.pipe.register_modules(**{name: loaded.components[name].to(self.device) for name in missing})
 
     def guidance_kwargs(self, scale: float) -> dict[str, Any]:
         """The pipeline's arguments for standard CFG at `scale` (1: none) in its family's convention."""
@@ -332,10 +345,13 @@ def open_model(
     ema: bool = True,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    text_encoders: bool = True,
 ) -> Student:
     """An exported folder (model_index.json), a LoRA-only export, a run folder (checkpoints/), or a hub id.
 
-    Defaults: device cuda when available, else cpu; dtype bf16 on cuda, fp32 on cpu.
+    Defaults: device cuda when available, else cpu; dtype bf16 on cuda, fp32 on cpu. `text_encoders=False` leaves
+    an export's text encoders unloaded (`Student.load_text_encoders` loads them later); a run folder's student is
+    built with them.
     """
     device = torch.device(device or default_device())
     if dtype is None:
@@ -346,18 +362,18 @@ def open_model(
         if not path.is_dir():
             raise UserError(f"--model {model} is a file", "point at an exported folder, a run folder or a hub id")
         if (path / "model_index.json").is_file():
-            student = _from_pipeline(str(path), read_info(path), torch_dtype, str(path))
+            student = _from_pipeline(str(path), read_info(path), torch_dtype, str(path), text_encoders)
         elif (path / "checkpoints").is_dir() or (path / "preset.yaml").is_file():
             student = _from_run(path, checkpoint, ema, torch_dtype)
         elif read_info(path).get("kind") == "lora":
-            student = _from_lora(str(path), read_info(path), torch_dtype, str(path))
+            student = _from_lora(str(path), read_info(path), torch_dtype, str(path), text_encoders)
         else:
             raise UserError(
                 f"{model} is neither an exported model (model_index.json) nor a run folder (checkpoints/)",
                 "export a run with `cdmctl export RUN --out DIR`, or point at the run folder",
             )
     elif HUB_ID.match(str(model)) and ".." not in str(model):
-        student = _from_hub(str(model), torch_dtype)
+        student = _from_hub(str(model), torch_dtype, text_encoders)
     else:
         raise UserError(f"model {model} not found", "give an exported folder, a run folder or a hub id (owner/name)")
     student.pipe.to(device)
@@ -381,28 +397,35 @@ def _student(pipe: Any, model: str, info: dict[str, Any], text_source: str, text
     )  # fmt: skip
 
 
-def load_pipeline(source: str, dtype: torch.dtype, revision: str | None = None) -> Any:
+def is_text_encoder(part: str) -> bool:
+    """diffusers names every text encoder of a pipeline text_encoder, text_encoder_2, ..."""
+    return part.startswith("text_encoder")
+
+
+def load_pipeline(source: str, dtype: torch.dtype, revision: str | None = None, text_encoders: bool = True) -> Any:
     """Any diffusers pipeline folder or hub id, without the parts its family never uses (LongCat: the text
-    processor, which only prompt rewriting needs and which needs torchvision to load)."""
+    processor, which only prompt rewriting needs and which needs torchvision to load), and without its text
+    encoders if asked."""
     from diffusers import DiffusionPipeline
 
     from cdmctl.backbones import adapter_for_pipeline
 
     index = DiffusionPipeline.load_config(source, revision=revision)
     adapter = adapter_for_pipeline(index.get("_class_name"))
-    unused = {part: None for part in (adapter.unused_parts if adapter is not None else ())}
-    return DiffusionPipeline.from_pretrained(source, revision=revision, **unused, **dtype_kwarg(dtype))
+    skipped = [*(adapter.unused_parts if adapter is not None else ()),
+               *([] if text_encoders else [part for part in index if is_text_encoder(part)])]  # fmt: skip
+    return DiffusionPipeline.from_pretrained(source, revision=revision, **dict.fromkeys(skipped), **dtype_kwarg(dtype))
 
 
-def _from_pipeline(source: str, info: dict[str, Any], dtype: torch.dtype, model: str) -> Student:
+def _from_pipeline(source: str, info: dict[str, Any], dtype: torch.dtype, model: str, text_encoders: bool = True) -> Student:
     try:
-        pipe = load_pipeline(source, dtype)
+        pipe = load_pipeline(source, dtype, text_encoders=text_encoders)
     except Exception as exc:  # noqa: BLE001 - diffusers raises many types for a bad folder or id
         raise UserError(f"cannot load {source} as a diffusers pipeline: {exc}", "check the folder or hub id") from exc
     return _student(pipe, model, info, source)
 
 
-def _from_lora(source: str, info: dict[str, Any], dtype: torch.dtype, model: str) -> Student:
+def _from_lora(source: str, info: dict[str, Any], dtype: torch.dtype, model: str, text_encoders: bool = True) -> Student:
     """A `--lora-only` export: the base model named in cdmctl.json plus the adapter (on its transformer, the
     one way every family's pipeline takes it)."""
     from cdmctl.export import LORA_PREFIX, LORA_WEIGHT_NAME
@@ -415,7 +438,7 @@ def _from_lora(source: str, info: dict[str, Any], dtype: torch.dtype, model: str
 
         base = str(resolve_source(base))
     try:
-        pipe = load_pipeline(base, dtype, revision=info.get("revision"))
+        pipe = load_pipeline(base, dtype, revision=info.get("revision"), text_encoders=text_encoders)
         pipe.transformer.load_lora_adapter(source, prefix=LORA_PREFIX, weight_name=LORA_WEIGHT_NAME)
     except Exception as exc:  # noqa: BLE001
         fix = "check that the base model is reachable"
@@ -440,11 +463,11 @@ def _from_run(run_dir: Path, checkpoint: str | int, ema: bool, dtype: torch.dtyp
                     manifest.get("revision"))  # fmt: skip
 
 
-def _from_hub(model_id: str, dtype: torch.dtype) -> Student:
+def _from_hub(model_id: str, dtype: torch.dtype, text_encoders: bool = True) -> Student:
     info = _hub_info(model_id)
     if info.get("kind") == "lora":
-        return _from_lora(model_id, info, dtype, model_id)
-    return _from_pipeline(model_id, info, dtype, model_id)
+        return _from_lora(model_id, info, dtype, model_id, text_encoders)
+    return _from_pipeline(model_id, info, dtype, model_id, text_encoders)
 
 
 def _hub_info(model_id: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """`eval` samples from the prompt-embedding cache: for every family the same images as from prompt strings, with the
-text encoders freed; a second eval, and an eval of a run's own prompts, encode nothing; several processes build the
-cache together and make the same images (the last two through the installed `cdmctl`)."""
+text encoders freed; a second eval never loads them, and it and an eval of a run's own prompts encode nothing;
+several processes build the cache together and make the same images (the last two through the installed `cdmctl`)."""
 
 from __future__ import annotations
 
@@ -67,30 +67,31 @@ def assert_same_calls(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) 
 def test_cached_embeddings_give_the_images_of_prompt_strings_without_text_encoders(family, tiny_family_dir,
                                                                                   tmp_path, monkeypatch):  # fmt: skip
     folder = str(tiny_family_dir(family))
-    student = open_model(folder, device="cpu")
-    live, live_calls = sample_recording(student, PROMPTS, SEEDS, batch_size=3)
+    live, live_calls = sample_recording(open_model(folder, device="cpu"), PROMPTS, SEEDS, batch_size=3)
+    student = open_model(folder, device="cpu", text_encoders=False)  # as eval opens an export
+    assert text_parts(student) and not any(text_parts(student).values())
     settings = EmbeddingSettings(root=str(tmp_path))
-    line = use_embedding_cache(student, PROMPTS, settings, Ranks(), batch_size=2)
+    line = use_embedding_cache(student, PROMPTS, settings, Ranks(), batch_size=2)  # loads them to encode
     assert line.startswith("prompt embeddings: encoded 4 prompts")
-    parts = text_parts(student)
-    assert parts and all(part is None for part in parts.values())  # freed: a call that encoded text would fail
+    assert not any(text_parts(student).values())  # freed again: a call that encoded text would fail
     # the transformer sees what it saw from the prompt strings, in every call, and the images agree
     cached, cached_calls = sample_recording(student, PROMPTS, SEEDS, batch_size=3)
     assert_same_calls(live_calls, cached_calls)
     assert_same_pixels(live, cached, TOLERANCE)
     assert_same_pixels(live[::-1], student.sample(PROMPTS[::-1], SEEDS[::-1], batch_size=1, **SIZE), TOLERANCE)
 
-    # a second student of the same model and prompts reads the cache and never encodes
-    again = open_model(folder, device="cpu")
-    monkeypatch.setattr(Student, "text_encoder", lambda self: pytest.fail("encoded although the cache was complete"))
+    # a second student of the same model and prompts reads the cache, never loading its text encoders
+    again = open_model(folder, device="cpu", text_encoders=False)
+    monkeypatch.setattr(Student, "load_text_encoders", lambda self: pytest.fail("loaded for a complete cache"))
     assert "reused the cache of 4 prompts" in use_embedding_cache(again, PROMPTS, settings, Ranks(), batch_size=2)
     assert_same_calls(live_calls, sample_recording(again, PROMPTS, SEEDS, batch_size=3)[1])
 
 
-def test_no_cache_keeps_the_text_encoders(tiny_family_dir, tmp_path):
-    student = open_model(str(tiny_family_dir("sd3")), device="cpu")
+def test_without_the_cache_the_student_has_its_text_encoders(tiny_family_dir, tmp_path):
+    student = open_model(str(tiny_family_dir("sd3")), device="cpu", text_encoders=False)
     assert use_embedding_cache(student, PROMPTS, EmbeddingSettings(enabled=False, root=str(tmp_path)), Ranks(), 2) is None
     assert all(part is not None for part in text_parts(student).values()) and not list(tmp_path.iterdir())
+    assert student.sample(PROMPTS[:1], SEEDS[:1], **SIZE)  # from the prompt string
 
 
 # -- through the installed entry point --------------------------------------------------------------------------
