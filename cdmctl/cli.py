@@ -289,12 +289,29 @@ def _quiet_libraries() -> None:
 
 @contextmanager
 def interrupt_line(where: str):
-    """Ctrl-C in a command without a run folder: one line saying what is kept, exit 130 (as distill)."""
+    """Ctrl-C in a command without a run folder: one line saying what is kept, exit 130 (as distill).
+
+    The signal is recorded as well as raised: a library may turn the KeyboardInterrupt into an error of its own
+    (safetensors' loader, interrupted while diffusers reads weights, surfaces as "Unable to load weights"), and
+    whatever then ends the command is still reported as the interrupt it was."""
+    import signal
+
+    received: list[int] = []
+
+    def on_sigint(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         yield
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not (received or isinstance(exc, KeyboardInterrupt)):
+            raise
         err_console.print(f"interrupted (SIGINT): {where}", soft_wrap=True, highlight=False, markup=False)
         raise typer.Exit(EXIT_SIGNAL["SIGINT"]) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def interrupted_line(stop, preset: str, overrides: list[str]) -> str:

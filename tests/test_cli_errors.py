@@ -228,3 +228,26 @@ def test_ctrl_c_in_generate_and_eval_exits_130_with_one_line(command, tiny_sd3_d
     lines = [line for line in err.strip().splitlines() if line.startswith("interrupted")]
     assert "Traceback" not in err and len(lines) == 1, err[-2000:]
     assert lines[0].startswith("interrupted (SIGINT): ") and "run the same command again" in lines[0]
+
+
+def test_an_interrupt_that_a_library_turned_into_its_own_error_is_reported_as_the_interrupt(capsys):
+    """safetensors, interrupted inside diffusers' weight loading, hands back an OSError instead of the
+    KeyboardInterrupt (seen once in a full run of the test above): the command must still exit 130 with its line."""
+    import typer
+
+    from cdmctl.cli import interrupt_line
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(typer.Exit) as stopped:
+        with interrupt_line("the images so far are kept"):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # the handler runs here
+            except KeyboardInterrupt:
+                raise OSError("Unable to load weights from checkpoint file") from None
+    assert stopped.value.exit_code == 130
+    assert capsys.readouterr().err.strip() == "interrupted (SIGINT): the images so far are kept"
+    assert signal.getsignal(signal.SIGINT) is before  # the command's handler is gone again
+    with pytest.raises(OSError):  # without an interrupt an error is the error it is
+        with interrupt_line("kept"):
+            raise OSError("disk on fire")
