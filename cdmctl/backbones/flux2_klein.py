@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from cdmctl.backbones.base import Conditioning
-from cdmctl.backbones.family import DiffusersFamily, free_memory, refuse_text_length
+from cdmctl.backbones.family import OneTextEncoderFamily, check_image_size
 from cdmctl.backbones.flow import scheduler_shift
-from cdmctl.backbones.loading import load_parts, local_folder, read_index, resolve_dtype
+from cdmctl.backbones.loading import local_folder, read_index
 from cdmctl.errors import UserError
 
 PATCH = 2  # VAE latents are patchified 2x2 before the transformer
@@ -31,7 +31,7 @@ ENCODE_BATCH = 16  # prompts per text-encoder forward
 TEXT_TOKENS = 512  # the pipeline's max_sequence_length default (and tokenizer_max_length)
 
 
-class Flux2KleinBackbone(DiffusersFamily):
+class Flux2KleinBackbone(OneTextEncoderFamily):
     """FLUX.2 [klein] base (`Flux2KleinPipeline` folders with `is_distilled: false`): Qwen3 text encoder, packed
     latents with 4-axis position ids, flow matching with the step-dependent empirical shift.
 
@@ -50,33 +50,19 @@ class Flux2KleinBackbone(DiffusersFamily):
     example_id = "black-forest-labs/FLUX.2-klein-base-4B"
     builtin = "builtin:tiny-flux2-klein"
     unused_parts: tuple[str, ...] = ()
-
-    def __init__(self, parts: dict[str, Any], *, source: str, revision: str | None = None,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):  # fmt: skip
-        self.source, self.revision, self.dtype, self.device = source, revision, dtype, torch.device(device)
-        self.transformer: nn.Module = parts["transformer"]
-        self.vae = parts["vae"]
-        self.scheduler = parts["scheduler"]
-        self.text_encoder = parts["text_encoder"]
-        self.tokenizer = parts["tokenizer"]
-        self.vae_scale_factor: int = 2 ** (len(self.vae.config.block_out_channels) - 1)
+    fixed_text_length = "FLUX.2 [klein]: cdmctl encodes the pipeline's 512 text tokens"
 
     @classmethod
-    def from_pretrained(cls, source: str, *, revision: str | None = None, dtype: torch.dtype | str = torch.float32,
-                        device: str | torch.device = "cpu",
-                        max_sequence_length: int | None = None) -> Flux2KleinBackbone:  # fmt: skip
-        """Load every part from a hub id or a local folder onto `device` in `dtype`; a step-distilled klein is
-        refused (it has no CFG to distil and is already a few-step model)."""
-        refuse_text_length(max_sequence_length, "FLUX.2 [klein]: cdmctl encodes the pipeline's 512 text tokens")
-        dtype = resolve_dtype(dtype)
-        parts = load_parts(cls, source, revision=revision, dtype=dtype, device=device)
+    def from_pretrained(cls, source: str, *, revision: str | None = None, **options: Any) -> Flux2KleinBackbone:
+        """As every family loads; a step-distilled klein is refused first (it has no CFG to distil and is already a
+        few-step model)."""
         folder = local_folder(source, cls.example_id, cls.builtin)
         if read_index(str(folder) if folder else source, source, revision).get("is_distilled"):
             raise UserError(
                 f"'{source}' is a step-distilled FLUX.2 [klein] (is_distilled: true): its pipeline ignores guidance",
                 "distil the base model instead, e.g. black-forest-labs/FLUX.2-klein-base-4B",
             )
-        return cls(parts, source=source, revision=revision, dtype=dtype, device=device)
+        return super().from_pretrained(source, revision=revision, **options)
 
     # -- family traits (class-level: usable on a pipeline without loading the adapter) -------------
 
@@ -112,14 +98,7 @@ class Flux2KleinBackbone(DiffusersFamily):
 
         The empty prompt gives what the pipeline encodes for its unconditional branch ("", hard-coded there).
         """
-        if self.text_encoder is None:
-            raise RuntimeError(
-                "Flux2KleinBackbone.encode_prompts called after release_text_encoders(); encode (and cache) every "
-                "prompt, including the empty one, before releasing the text encoder"
-            )
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("encode_prompts needs at least one prompt")
+        prompts = self.prompt_list(prompts)
         pipe = self._assemble(self.transformer, self.text_encoder)
         device = self.text_encoder.device
         with torch.no_grad():
@@ -130,21 +109,12 @@ class Flux2KleinBackbone(DiffusersFamily):
         ids = torch.cat([i for _, i in chunks]).to(device=embeds.device, dtype=torch.long)
         return Conditioning({"encoder_hidden_states": embeds, "txt_ids": ids})
 
-    def release_text_encoders(self) -> None:
-        """Drop the Qwen3 text encoder (4B parameters for klein 4B, 8B for 9B) and return its memory."""
-        self.text_encoder = None
-        free_memory()
-
     # -- latents and the denoiser ----------------------------------------------------------------
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(128, height / 2f, width / 2f): the transformer's patch grid; sizes must be multiples of 2f."""
         multiple = self.vae_scale_factor * PATCH
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
-            raise UserError(
-                f"image size {height}x{width} does not fit this FLUX.2 [klein] model",
-                f"use a height and width that are positive multiples of {multiple}",
-            )
+        check_image_size(height, width, multiple, "FLUX.2 [klein]")
         return (self.transformer.config.in_channels, height // multiple, width // multiple)
 
     def velocity(self, model: nn.Module, x: torch.Tensor, s: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -207,23 +177,6 @@ class Flux2KleinBackbone(DiffusersFamily):
         )
 
         return [Flux2TransformerBlock, Flux2SingleTransformerBlock]
-
-    def pipeline(self, transformer: nn.Module | None = None) -> Any:
-        """A Flux2KleinPipeline sharing this backbone's parts, with `transformer` (unwrapped) in place. A released
-        text encoder is loaded again from `source` for this pipeline only."""
-        text_encoder = self.text_encoder
-        if text_encoder is None:
-            reloaded = load_parts(type(self), self.source, revision=self.revision, dtype=self.dtype,
-                                  device=self.device, skip=("transformer", "vae"))  # fmt: skip
-            text_encoder = reloaded["text_encoder"]
-        return self._assemble(self.transformer if transformer is None else transformer, text_encoder)
-
-    def _assemble(self, transformer: nn.Module, text_encoder: nn.Module) -> Any:
-        pipe = self.diffusers_pipeline()(scheduler=self.scheduler, vae=self.vae, text_encoder=text_encoder,
-                                         tokenizer=self.tokenizer, transformer=transformer)  # fmt: skip
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
 
 def image_mu(vae_scale_factor: int, height: int, width: int, steps: int) -> float:
     """mu as Flux2KleinPipeline.__call__ computes it: `compute_empirical_mu` of the packed token count and the

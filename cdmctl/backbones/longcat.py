@@ -17,17 +17,15 @@ import torch
 from torch import nn
 
 from cdmctl.backbones.base import Conditioning
-from cdmctl.backbones.family import DiffusersFamily, free_memory, refuse_text_length
+from cdmctl.backbones.family import OneTextEncoderFamily, check_image_size
 from cdmctl.backbones.flow import decode_latents, scheduler_shift
-from cdmctl.backbones.loading import load_parts, resolve_dtype
-from cdmctl.errors import UserError
 
 LATENT_CHANNELS = 16  # the pipeline hard-codes num_channels_latents = 16
 PATCH = 2  # latents are packed in 2x2 patches
 ENCODE_BATCH = 16  # prompts per text-encoder forward
 
 
-class LongCatBackbone(DiffusersFamily):
+class LongCatBackbone(OneTextEncoderFamily):
     """LongCat-Image (`LongCatImagePipeline` folders): Qwen2.5-VL text encoder, packed latents with 3-axis
     position ids, flow matching with the resolution-dependent dynamic shift.
 
@@ -43,29 +41,14 @@ class LongCatBackbone(DiffusersFamily):
     builtin = "builtin:tiny-longcat"
     # The Qwen2VLProcessor serves only prompt rewriting, which cdmctl never calls; loading it needs torchvision.
     unused_parts: tuple[str, ...] = ("text_processor",)
+    fixed_text_length = ("LongCat-Image: its pipeline always encodes 512 text tokens (and places the image positions "
+                         "after them)")
 
-    def __init__(self, parts: dict[str, Any], *, source: str, revision: str | None = None,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):  # fmt: skip
-        self.source, self.revision, self.dtype, self.device = source, revision, dtype, torch.device(device)
-        self.transformer: nn.Module = parts["transformer"]
-        self.vae = parts["vae"]
-        self.scheduler = parts["scheduler"]
-        self.text_encoder = parts["text_encoder"]
-        self.tokenizer = parts["tokenizer"]
-        self.vae_scale_factor: int = 2 ** (len(self.vae.config.block_out_channels) - 1)
+    def __init__(self, parts: dict[str, Any], **where: Any):  # source, revision, dtype, device
+        super().__init__(parts, **where)
         self._image_ids: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         # the pipeline's text length (512, set in its __init__), which is also where its image positions start
         self.text_tokens: int = self._assemble(self.transformer, self.text_encoder).tokenizer_max_length
-
-    @classmethod
-    def from_pretrained(cls, source: str, *, revision: str | None = None, dtype: torch.dtype | str = torch.float32,
-                        device: str | torch.device = "cpu", max_sequence_length: int | None = None) -> LongCatBackbone:  # fmt: skip
-        """Load every part but the text processor from a hub id or a local folder onto `device` in `dtype`."""
-        refuse_text_length(max_sequence_length, "LongCat-Image: its pipeline always encodes 512 text tokens "
-                                                "(and places the image positions after them)")
-        dtype = resolve_dtype(dtype)
-        parts = load_parts(cls, source, revision=revision, dtype=dtype, device=device)
-        return cls(parts, source=source, revision=revision, dtype=dtype, device=device)
 
     # -- family traits (class-level: usable on a pipeline without loading the adapter) -------------
 
@@ -115,14 +98,7 @@ class LongCatBackbone(DiffusersFamily):
 
         The empty prompt gives the conditioning the pipeline uses for its negative prompt ("" by default).
         """
-        if self.text_encoder is None:
-            raise RuntimeError(
-                "LongCatBackbone.encode_prompts called after release_text_encoders(); encode (and cache) every "
-                "prompt, including the empty one, before releasing the text encoder"
-            )
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("encode_prompts needs at least one prompt")
+        prompts = self.prompt_list(prompts)
         pipe = self._assemble(self.transformer, self.text_encoder)
         with torch.no_grad():  # in chunks: a whole prompt file at once would hold every activation of a 7B model
             chunks = [pipe.encode_prompt(prompt=prompts[i : i + ENCODE_BATCH])
@@ -131,21 +107,12 @@ class LongCatBackbone(DiffusersFamily):
         ids = text_ids.to(dtype=torch.long, device=embeds.device)
         return Conditioning({"encoder_hidden_states": embeds, "txt_ids": ids.expand(len(prompts), *ids.shape)})
 
-    def release_text_encoders(self) -> None:
-        """Drop the Qwen2.5-VL text encoder (7B parameters in LongCat-Image) and return its memory."""
-        self.text_encoder = None
-        free_memory()
-
     # -- latents and the denoiser ----------------------------------------------------------------
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(16, height / f, width / f) with f the VAE scale factor; sizes must be multiples of 2 f (the packing)."""
         multiple = self.vae_scale_factor * PATCH
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
-            raise UserError(
-                f"image size {height}x{width} does not fit this LongCat-Image model",
-                f"use a height and width that are positive multiples of {multiple}",
-            )
+        check_image_size(height, width, multiple, "LongCat-Image")
         f = self.vae_scale_factor
         return (LATENT_CHANNELS, height // f, width // f)
 
@@ -211,28 +178,6 @@ class LongCatBackbone(DiffusersFamily):
         )
 
         return [LongCatImageTransformerBlock, LongCatImageSingleTransformerBlock]
-
-    def pipeline(self, transformer: nn.Module | None = None) -> Any:
-        """A LongCatImagePipeline sharing this backbone's parts, with `transformer` (unwrapped) in place.
-
-        Its text processor is None (see `unused_parts`). A released text encoder is loaded again from `source`
-        for this pipeline only.
-        """
-        text_encoder = self.text_encoder
-        if text_encoder is None:
-            reloaded = load_parts(type(self), self.source, revision=self.revision, dtype=self.dtype,
-                                  device=self.device, skip=("transformer", "vae"))  # fmt: skip
-            text_encoder = reloaded["text_encoder"]
-        return self._assemble(self.transformer if transformer is None else transformer, text_encoder)
-
-    def _assemble(self, transformer: nn.Module, text_encoder: nn.Module) -> Any:
-        pipe = self.diffusers_pipeline()(
-            scheduler=self.scheduler, vae=self.vae, text_encoder=text_encoder, tokenizer=self.tokenizer,
-            text_processor=None, transformer=transformer,
-        )  # fmt: skip
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
 
 def shared_text_ids(txt_ids: torch.Tensor) -> torch.Tensor:
     """The one [L, 3] row the transformer takes (float32, as the pipeline passes it) of batch-first ids [B, L, 3]."""

@@ -22,17 +22,15 @@ import torch
 from torch import nn
 
 from cdmctl.backbones.base import Conditioning
-from cdmctl.backbones.family import DiffusersFamily, free_memory, refuse_text_length
+from cdmctl.backbones.family import OneTextEncoderFamily, check_image_size
 from cdmctl.backbones.flow import scheduler_shift
-from cdmctl.backbones.loading import load_parts, resolve_dtype
-from cdmctl.errors import UserError
 
 PATCH = 2  # latents are packed in 2x2 patches
 ENCODE_BATCH = 16  # prompts per text-encoder forward
 TEXT_TOKENS = 512  # QwenImagePipeline.__call__'s max_sequence_length default
 
 
-class QwenImageBackbone(DiffusersFamily):
+class QwenImageBackbone(OneTextEncoderFamily):
     """Qwen-Image (`QwenImagePipeline` folders): Qwen2.5-VL text encoder with masks, packed latents, flow
     matching with the resolution-dependent dynamic shift (its terminal stretch dropped, see the module docstring).
 
@@ -53,26 +51,12 @@ class QwenImageBackbone(DiffusersFamily):
     example_id = "Qwen/Qwen-Image"
     builtin = "builtin:tiny-qwenimage"
     unused_parts: tuple[str, ...] = ()
+    fixed_text_length = "Qwen-Image: cdmctl encodes up to the pipeline's 512 text tokens"
 
-    def __init__(self, parts: dict[str, Any], *, source: str, revision: str | None = None,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):  # fmt: skip
-        self.source, self.revision, self.dtype, self.device = source, revision, dtype, torch.device(device)
-        self.transformer: nn.Module = parts["transformer"]
-        self.vae = parts["vae"]
-        self.scheduler = self.student_scheduler(parts["scheduler"])
-        self.text_encoder = parts["text_encoder"]
-        self.tokenizer = parts["tokenizer"]
-        self.vae_scale_factor: int = 2 ** len(self.vae.temperal_downsample)
-
-    @classmethod
-    def from_pretrained(cls, source: str, *, revision: str | None = None, dtype: torch.dtype | str = torch.float32,
-                        device: str | torch.device = "cpu",
-                        max_sequence_length: int | None = None) -> QwenImageBackbone:  # fmt: skip
-        """Load every part from a hub id or a local folder onto `device` in `dtype`."""
-        refuse_text_length(max_sequence_length, "Qwen-Image: cdmctl encodes up to the pipeline's 512 text tokens")
-        dtype = resolve_dtype(dtype)
-        parts = load_parts(cls, source, revision=revision, dtype=dtype, device=device)
-        return cls(parts, source=source, revision=revision, dtype=dtype, device=device)
+    @staticmethod
+    def vae_factor(vae: Any) -> int:
+        """The Wan-style VAE's spatial factor, as QwenImagePipeline computes it."""
+        return 2 ** len(vae.temperal_downsample)
 
     # -- family traits (class-level: usable on a pipeline without loading the adapter) -------------
 
@@ -113,14 +97,7 @@ class QwenImageBackbone(DiffusersFamily):
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """Prompts -> `encoder_hidden_states` [B, 512, D] and `encoder_hidden_states_mask` [B, 512], as the
         pipeline encodes them (zero-padded beyond each prompt). The empty prompt is cdmctl's negative prompt."""
-        if self.text_encoder is None:
-            raise RuntimeError(
-                "QwenImageBackbone.encode_prompts called after release_text_encoders(); encode (and cache) every "
-                "prompt, including the empty one, before releasing the text encoder"
-            )
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("encode_prompts needs at least one prompt")
+        prompts = self.prompt_list(prompts)
         pipe = self._assemble(self.transformer, self.text_encoder)
         device = self.text_encoder.device
         rows, masks = [], []
@@ -137,21 +114,12 @@ class QwenImageBackbone(DiffusersFamily):
         return Conditioning({"encoder_hidden_states": embeds * mask[..., None].to(embeds.dtype),
                              "encoder_hidden_states_mask": mask})  # fmt: skip
 
-    def release_text_encoders(self) -> None:
-        """Drop the Qwen2.5-VL text encoder (7B parameters in Qwen-Image) and return its memory."""
-        self.text_encoder = None
-        free_memory()
-
     # -- latents and the denoiser ----------------------------------------------------------------
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(16, height / f, width / f) with f the VAE scale factor; sizes must be multiples of 2 f (the packing)."""
         multiple = self.vae_scale_factor * PATCH
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
-            raise UserError(
-                f"image size {height}x{width} does not fit this Qwen-Image model",
-                f"use a height and width that are positive multiples of {multiple}",
-            )
+        check_image_size(height, width, multiple, "Qwen-Image")
         f = self.vae_scale_factor
         return (self.vae.config.z_dim, height // f, width // f)
 
@@ -209,23 +177,6 @@ class QwenImageBackbone(DiffusersFamily):
         )
 
         return [QwenImageTransformerBlock]
-
-    def pipeline(self, transformer: nn.Module | None = None) -> Any:
-        """A QwenImagePipeline sharing this backbone's parts (its scheduler without the terminal stretch), with
-        `transformer` (unwrapped) in place. A released text encoder is loaded again for this pipeline only."""
-        text_encoder = self.text_encoder
-        if text_encoder is None:
-            reloaded = load_parts(type(self), self.source, revision=self.revision, dtype=self.dtype,
-                                  device=self.device, skip=("transformer", "vae"))  # fmt: skip
-            text_encoder = reloaded["text_encoder"]
-        return self._assemble(self.transformer if transformer is None else transformer, text_encoder)
-
-    def _assemble(self, transformer: nn.Module, text_encoder: nn.Module) -> Any:
-        pipe = self.diffusers_pipeline()(scheduler=self.scheduler, vae=self.vae, text_encoder=text_encoder,
-                                         tokenizer=self.tokenizer, transformer=transformer)  # fmt: skip
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
 
 def without_terminal_stretch(scheduler: Any) -> Any:
     """The scheduler with `shift_terminal` off (a copy), or itself when it has none."""

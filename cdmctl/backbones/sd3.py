@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 from cdmctl.backbones.base import Conditioning
-from cdmctl.backbones.family import DiffusersFamily, free_memory
+from cdmctl.backbones.family import DiffusersFamily, check_image_size, free_memory
 from cdmctl.backbones.flow import decode_latents, scheduler_shift
 from cdmctl.backbones.loading import load_parts, resolve_dtype
-from cdmctl.errors import UserError
 
 _TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -120,11 +119,7 @@ class SD3Backbone(DiffusersFamily):
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, height / f, width / f) with f the VAE scale factor; sizes must be multiples of f * patch."""
         multiple = self.vae_scale_factor * self.transformer.config.patch_size
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
-            raise UserError(
-                f"image size {height}x{width} does not fit this SD3 model",
-                f"use a height and width that are positive multiples of {multiple}",
-            )
+        check_image_size(height, width, multiple, "SD3")
         f = self.vae_scale_factor
         return (self.transformer.config.in_channels, height // f, width // f)
 

@@ -18,17 +18,15 @@ import torch
 from torch import nn
 
 from cdmctl.backbones.base import Conditioning
-from cdmctl.backbones.family import DiffusersFamily, free_memory, refuse_text_length
+from cdmctl.backbones.family import OneTextEncoderFamily, check_image_size
 from cdmctl.backbones.flow import decode_latents, scheduler_shift
-from cdmctl.backbones.loading import load_parts, resolve_dtype
-from cdmctl.errors import UserError
 
 PATCH = 2  # the transformer's 2x2 patches (its default patch_size)
 ENCODE_BATCH = 16  # prompts per text-encoder forward
 TEXT_TOKENS = 512  # the pipeline's max_sequence_length default
 
 
-class ZImageBackbone(DiffusersFamily):
+class ZImageBackbone(OneTextEncoderFamily):
     """Z-Image (`ZImagePipeline` folders; the CFG base model, not the Turbo student): Qwen3 text encoder,
     variable-length captions, a single-stream transformer that predicts `x0 - eps` at time `1 - s`, flow matching
     with the scheduler's shift (the pipeline passes mu for its dynamic shift; a static-shift config ignores it).
@@ -49,25 +47,7 @@ class ZImageBackbone(DiffusersFamily):
     example_id = "Tongyi-MAI/Z-Image"
     builtin = "builtin:tiny-zimage"
     unused_parts: tuple[str, ...] = ()
-
-    def __init__(self, parts: dict[str, Any], *, source: str, revision: str | None = None,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):  # fmt: skip
-        self.source, self.revision, self.dtype, self.device = source, revision, dtype, torch.device(device)
-        self.transformer: nn.Module = parts["transformer"]
-        self.vae = parts["vae"]
-        self.scheduler = parts["scheduler"]
-        self.text_encoder = parts["text_encoder"]
-        self.tokenizer = parts["tokenizer"]
-        self.vae_scale_factor: int = 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @classmethod
-    def from_pretrained(cls, source: str, *, revision: str | None = None, dtype: torch.dtype | str = torch.float32,
-                        device: str | torch.device = "cpu", max_sequence_length: int | None = None) -> ZImageBackbone:  # fmt: skip
-        """Load every part from a hub id or a local folder onto `device` in `dtype`."""
-        refuse_text_length(max_sequence_length, "Z-Image: cdmctl encodes the pipeline's 512 text tokens")
-        dtype = resolve_dtype(dtype)
-        parts = load_parts(cls, source, revision=revision, dtype=dtype, device=device)
-        return cls(parts, source=source, revision=revision, dtype=dtype, device=device)
+    fixed_text_length = "Z-Image: cdmctl encodes the pipeline's 512 text tokens"
 
     # -- family traits (class-level: usable on a pipeline without loading the adapter) -------------
 
@@ -103,14 +83,7 @@ class ZImageBackbone(DiffusersFamily):
 
         The empty prompt gives the pipeline's default negative prompt ("").
         """
-        if self.text_encoder is None:
-            raise RuntimeError(
-                "ZImageBackbone.encode_prompts called after release_text_encoders(); encode (and cache) every "
-                "prompt, including the empty one, before releasing the text encoder"
-            )
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("encode_prompts needs at least one prompt")
+        prompts = self.prompt_list(prompts)
         pipe = self._assemble(self.transformer, self.text_encoder)
         features: list[torch.Tensor] = []
         with torch.no_grad():
@@ -121,21 +94,12 @@ class ZImageBackbone(DiffusersFamily):
                 features.extend(embeds)
         return pad_captions(features)
 
-    def release_text_encoders(self) -> None:
-        """Drop the Qwen3 text encoder (4B parameters in Z-Image) and return its memory."""
-        self.text_encoder = None
-        free_memory()
-
     # -- latents and the denoiser ----------------------------------------------------------------
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(16, height / f, width / f) with f the VAE scale factor; sizes must be multiples of 2 f (the patches)."""
         multiple = self.vae_scale_factor * PATCH
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
-            raise UserError(
-                f"image size {height}x{width} does not fit this Z-Image model",
-                f"use a height and width that are positive multiples of {multiple}",
-            )
+        check_image_size(height, width, multiple, "Z-Image")
         f = self.vae_scale_factor
         return (self.transformer.config.in_channels, height // f, width // f)
 
@@ -173,23 +137,6 @@ class ZImageBackbone(DiffusersFamily):
         )
 
         return [ZImageTransformerBlock]
-
-    def pipeline(self, transformer: nn.Module | None = None) -> Any:
-        """A ZImagePipeline sharing this backbone's parts, with `transformer` (unwrapped) in place. A released text
-        encoder is loaded again from `source` for this pipeline only."""
-        text_encoder = self.text_encoder
-        if text_encoder is None:
-            reloaded = load_parts(type(self), self.source, revision=self.revision, dtype=self.dtype,
-                                  device=self.device, skip=("transformer", "vae"))  # fmt: skip
-            text_encoder = reloaded["text_encoder"]
-        return self._assemble(self.transformer if transformer is None else transformer, text_encoder)
-
-    def _assemble(self, transformer: nn.Module, text_encoder: nn.Module) -> Any:
-        pipe = self.diffusers_pipeline()(scheduler=self.scheduler, vae=self.vae, text_encoder=text_encoder,
-                                         tokenizer=self.tokenizer, transformer=transformer)  # fmt: skip
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
 
 def pad_captions(features: Sequence[torch.Tensor], tokens: int = TEXT_TOKENS) -> Conditioning:
     """Own-length caption features [L_i, D] -> `cap_feats` [B, tokens, D] zero-padded and `cap_len` [B] int64."""
