@@ -11,6 +11,12 @@ from cdmctl.errors import UserError
 _PER_SCHEDULE = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas", "shift_terminal")
 
 
+def batch_levels(s: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """Noise levels [B] for latents x [B, ...]: one level for the whole batch is repeated."""
+    s = torch.as_tensor(s, device=x.device)
+    return s.expand(x.shape[0]) if s.ndim == 0 else s
+
+
 def scheduler_shift(scheduler, s: torch.Tensor, mu: float | None, source: str) -> torch.Tensor:
     """Levels s (any shape) as `scheduler.set_timesteps(sigmas=s, mu=mu)` shifts them: the dynamic shift with
     `mu` when the scheduler uses one, else its static `shift`."""

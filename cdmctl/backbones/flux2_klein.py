@@ -22,7 +22,7 @@ from torch import nn
 
 from cdmctl.backbones.base import Conditioning
 from cdmctl.backbones.family import OneTextEncoderFamily, check_image_size
-from cdmctl.backbones.flow import scheduler_shift
+from cdmctl.backbones.flow import batch_levels, scheduler_shift
 from cdmctl.backbones.loading import local_folder, read_index
 from cdmctl.errors import UserError
 
@@ -122,9 +122,7 @@ class Flux2KleinBackbone(OneTextEncoderFamily):
         pipeline = self.diffusers_pipeline()
         param_dtype = next(model.parameters()).dtype
         batch, channels, h, w = x.shape
-        s = torch.as_tensor(s, device=x.device)
-        if s.ndim == 0:
-            s = s.expand(batch)
+        s = batch_levels(s, x)
         embeds = cond.tensors["encoder_hidden_states"]
         out = model(
             hidden_states=pipeline._pack_latents(x.to(param_dtype)),

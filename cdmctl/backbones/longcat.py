@@ -18,7 +18,7 @@ from torch import nn
 
 from cdmctl.backbones.base import Conditioning
 from cdmctl.backbones.family import OneTextEncoderFamily, check_image_size
-from cdmctl.backbones.flow import decode_latents, scheduler_shift
+from cdmctl.backbones.flow import batch_levels, decode_latents, scheduler_shift
 
 LATENT_CHANNELS = 16  # the pipeline hard-codes num_channels_latents = 16
 PATCH = 2  # latents are packed in 2x2 patches
@@ -121,9 +121,7 @@ class LongCatBackbone(OneTextEncoderFamily):
         pipeline = self.diffusers_pipeline()
         param_dtype = next(model.parameters()).dtype
         batch, channels, h, w = x.shape
-        s = torch.as_tensor(s, device=x.device)
-        if s.ndim == 0:
-            s = s.expand(batch)
+        s = batch_levels(s, x)
         packed = pipeline._pack_latents(x.to(param_dtype), batch, channels, h, w)
         embeds = cond.tensors["encoder_hidden_states"]
         out = model(

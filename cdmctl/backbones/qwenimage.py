@@ -23,7 +23,7 @@ from torch import nn
 
 from cdmctl.backbones.base import Conditioning
 from cdmctl.backbones.family import OneTextEncoderFamily, check_image_size
-from cdmctl.backbones.flow import scheduler_shift
+from cdmctl.backbones.flow import batch_levels, scheduler_shift
 
 PATCH = 2  # latents are packed in 2x2 patches
 ENCODE_BATCH = 16  # prompts per text-encoder forward
@@ -128,9 +128,7 @@ class QwenImageBackbone(OneTextEncoderFamily):
         pipeline = self.diffusers_pipeline()
         param_dtype = next(model.parameters()).dtype
         batch, channels, h, w = x.shape
-        s = torch.as_tensor(s, device=x.device)
-        if s.ndim == 0:
-            s = s.expand(batch)
+        s = batch_levels(s, x)
         embeds, mask = longest_prompt(cond)
         out = model(
             hidden_states=pipeline._pack_latents(x.to(param_dtype), batch, channels, h, w),

@@ -10,7 +10,7 @@ from torch import nn
 
 from cdmctl.backbones.base import Conditioning
 from cdmctl.backbones.family import DiffusersFamily, check_image_size, free_memory
-from cdmctl.backbones.flow import decode_latents, scheduler_shift
+from cdmctl.backbones.flow import batch_levels, decode_latents, scheduler_shift
 from cdmctl.backbones.loading import load_parts, resolve_dtype
 
 _TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -130,9 +130,7 @@ class SD3Backbone(DiffusersFamily):
         def cast(t: torch.Tensor) -> torch.Tensor:
             return t if t.dtype == param_dtype else t.to(param_dtype)
 
-        s = torch.as_tensor(s, device=x.device)
-        if s.ndim == 0:
-            s = s.expand(x.shape[0])
+        s = batch_levels(s, x)
         # The pipeline passes float32 timesteps (sigma * num_train_timesteps) whatever the model dtype.
         timestep = s.float() * self.scheduler.config.num_train_timesteps
         return model(

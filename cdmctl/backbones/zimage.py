@@ -19,7 +19,7 @@ from torch import nn
 
 from cdmctl.backbones.base import Conditioning
 from cdmctl.backbones.family import OneTextEncoderFamily, check_image_size
-from cdmctl.backbones.flow import decode_latents, scheduler_shift
+from cdmctl.backbones.flow import batch_levels, decode_latents, scheduler_shift
 
 PATCH = 2  # the transformer's 2x2 patches (its default patch_size)
 ENCODE_BATCH = 16  # prompts per text-encoder forward
@@ -106,9 +106,7 @@ class ZImageBackbone(OneTextEncoderFamily):
     def velocity(self, model: nn.Module, x: torch.Tensor, s: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """v [B, 16, h, w] of `model` (the transformer, a copy, or a peft/DDP/FSDP wrapper) at x [B, 16, h, w], s [B]."""
         param_dtype = next(model.parameters()).dtype
-        s = torch.as_tensor(s, device=x.device)
-        if s.ndim == 0:
-            s = s.expand(x.shape[0])
+        s = batch_levels(s, x)
         # the pipeline's time: (1000 - t) / 1000 with the scheduler's float32 t = 1000 sigma
         t = (1000 - s.float() * 1000) / 1000
         frames = list(x.to(param_dtype).unsqueeze(2).unbind(0))
