@@ -286,6 +286,8 @@ def run_generate(
     mine = [(i, j) for i in rank_indices(len(prompts), rank, world_size) for j in range(num_per_prompt)]
     jobs = [(i, j) for i, j in mine if image_name(i, j) not in done]
     result = GenerateResult(generated=0, skipped=len(mine) - len(jobs), total=len(mine))
+    from cdmctl.embedcache import Ranks
+
     # every rank builds its share of the cache, so with several a rank with nothing left to draw still takes part
     ranks = eval_ranks(rank, world_size) if sampler is None and embeddings.enabled else None
     if not (ranks.any_true(bool(jobs)) if ranks is not None else jobs):
@@ -293,7 +295,7 @@ def run_generate(
     if sampler is None:
         sampler = _student_sampler(model, out, prompts, steps=steps, sigmas=sigmas, height=height, width=width,
                                    batch_size=batch_size, checkpoint=checkpoint, ema=ema, device=device, dtype=dtype,
-                                   embeddings=embeddings, ranks=ranks or eval_ranks(rank, world_size), note=note)  # fmt: skip
+                                   embeddings=embeddings, ranks=ranks or Ranks(rank, world_size), note=note)  # fmt: skip
     if not jobs:
         return result
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
