@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from cdmctl.proving.grounds import GROUNDS
+
 from cdmctl.proving import evaluate, metrics
 from cdmctl.proving.groundtruth import GroundTruth
 
@@ -51,8 +53,7 @@ def test_wrong_prompt_collapse_and_blur_are_each_caught(gt, reference):
 
 def test_exact_denoiser_needs_many_steps(gt, reference):
     """The toy's difficulty: even the exact velocity blurs the small detail at 1-4 Euler steps (toy shift)."""
-    from cdmctl.proving.teacher import SHIFT
-
+    SHIFT = GROUNDS["toy-sd3"].shift
     idx = torch.arange(gt.num_prompts).repeat_interleave(8)
     noise = evaluate.paired_noise(len(idx), gt.latent_shape, 0)
 
@@ -73,7 +74,7 @@ def test_shipped_teacher_samples_with_the_toy_shift():
 
     scheduler = json.loads((teacher.SHIPPED / "scheduler" / "scheduler_config.json").read_text())
     record = json.loads((teacher.SHIPPED / "proving.json").read_text())
-    assert scheduler["shift"] == record["scheduler_shift"] == teacher.SHIFT
+    assert scheduler["shift"] == record["scheduler_shift"] == GROUNDS["toy-sd3"].shift
 
 
 @pytest.fixture(scope="module")

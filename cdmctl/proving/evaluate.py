@@ -12,10 +12,11 @@ from cdmctl.engine.simulate import simulate
 from cdmctl.engine.trigflow import consistency_sample
 
 
-def inference_levels(backbone: Backbone, steps: int, resolution: int) -> torch.Tensor:
-    """The shifted levels [steps] of an evenly spaced `steps`-step schedule (1, 1 - 1/n, ...), float64."""
+def inference_levels(backbone: Backbone, steps: int, resolution: int, time_shift: bool = True) -> torch.Tensor:
+    """The levels [steps] of an evenly spaced `steps`-step schedule (1, 1 - 1/n, ...), shifted by the backbone
+    unless `time_shift` is False, float64."""
     unshifted = torch.tensor([1.0 - i / steps for i in range(steps)], dtype=torch.float64)
-    return backbone.shift(unshifted, resolution, resolution).double()
+    return backbone.shift(unshifted, resolution, resolution).double() if time_shift else unshifted
 
 
 def paired_noise(count: int, latent: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -42,6 +43,7 @@ def sample(
     chunk: int = 1024,
     sampler: str = "euler",
     seed: int = 0,
+    time_shift: bool = True,
 ) -> torch.Tensor:
     """Final latents [B, C, h, w] from noise [B, ...] with conditioning [B]: `steps` steps, guidance.
 
@@ -54,7 +56,7 @@ def sample(
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
-    levels = inference_levels(backbone, steps, resolution).to(device)
+    levels = inference_levels(backbone, steps, resolution, time_shift).to(device)
     renoise = paired_renoise(len(noise), steps, noise.shape[1:], seed) if sampler == "consistency" else None
     outs = []
     for start in range(0, len(noise), chunk):
@@ -81,7 +83,7 @@ def sample(
 @torch.no_grad()
 def evaluate(backbone: Backbone, module: nn.Module, gt, cond: Conditioning, null: Conditioning, steps: list[int],
              resolution: int, guidance: float = 1.0, per_prompt: int = 32, seed: int = 0,
-             sampler: str = "euler") -> dict[int, dict]:  # fmt: skip
+             sampler: str = "euler", time_shift: bool = True) -> dict[int, dict]:  # fmt: skip
     """metric dict per step count: `per_prompt` samples of every prompt, paired noise, against the reference."""
     from cdmctl.proving import metrics
 
@@ -91,6 +93,7 @@ def evaluate(backbone: Backbone, module: nn.Module, gt, cond: Conditioning, null
     rows = cond.index(idx)
     out = {}
     for n in steps:
-        x = sample(backbone, module, rows, noise, n, resolution, guidance, null, sampler=sampler, seed=seed)
+        x = sample(backbone, module, rows, noise, n, resolution, guidance, null, sampler=sampler, seed=seed,
+                   time_shift=time_shift)
         out[n] = metrics.score(gt, x, idx, ref, ref_idx)
     return out

@@ -131,3 +131,16 @@ class GroundTruth:
         """v = E[eps - x0 | x_s] = (x - E[x0 | x_s]) / s, [B, C, h, w]."""
         s_b = torch.as_tensor(s, dtype=x.dtype).expand(len(x)).view(-1, *[1] * (x.dim() - 1))
         return (x - self.exact_x0(x, s, prompt_idx)) / s_b
+
+    def nearest_modes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt [B], mode [B], RMS distance [B]) of each sample's nearest mode over all prompts."""
+        modes = self.modes.flatten(2).flatten(0, 1).double()  # [P * K, D]
+        d = torch.cdist(x.flatten(1).double(), modes) / modes.shape[1] ** 0.5
+        dist, flat = d.min(1)
+        return flat // self.num_modes, flat % self.num_modes, dist
+
+    def min_mode_separation(self) -> float:
+        """Smallest RMS distance between two modes of the same prompt."""
+        modes = self.modes.flatten(2).double()  # [P, K, D]
+        d = torch.cdist(modes, modes) / modes.shape[2] ** 0.5 + 1e9 * torch.eye(self.num_modes, dtype=torch.float64)
+        return float(d.min())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from cdmctl.proving.groundtruth import GroundTruth
+from cdmctl.proving.groundtruth import GroundTruth  # or coupled.CoupledGroundTruth: the same interface
 
 MMD_BANDWIDTHS = (0.025, 0.05, 0.1, 0.2)
 METRICS = ("precision", "coverage", "mmd2", "adherence")
@@ -37,17 +37,15 @@ def rms_cdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cdist(a, b) / a.shape[1] ** 0.5
 
 
-def min_mode_separation(gt: GroundTruth) -> float:
+def min_mode_separation(gt) -> float:
     """Smallest RMS distance between two modes of the same prompt."""
-    d = torch.stack([rms_cdist(m, m) + 1e9 * torch.eye(gt.num_modes) for m in gt.modes])
-    return float(d.min())
+    return gt.min_mode_separation()
 
 
-def nearest_modes(gt: GroundTruth, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(prompt [B], mode [B], RMS distance [B]) of each sample's nearest mode over all prompts."""
-    d = rms_cdist(x, gt.modes.flatten(0, 1))
-    dist, flat = d.min(1)
-    return flat // gt.num_modes, flat % gt.num_modes, dist
+def nearest_modes(gt, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt [B], mode [B], RMS distance [B]) of each sample's nearest mode over all prompts (the ground truth's
+    own lookup: a list of modes, or a structured search where there are too many to list)."""
+    return gt.nearest_modes(x)
 
 
 def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidths=MMD_BANDWIDTHS) -> float:

@@ -1,6 +1,7 @@
 """Build and train the proving ground's toy SD3 teacher: real SD3 classes, flow matching on the ground truth.
 
     python -m cdmctl.proving.teacher --out cdmctl/proving/toy_sd3   # rebuilds the shipped teacher
+    python -m cdmctl.proving.teacher --ground toy-sd3-coupled --out cdmctl/proving/toy_sd3_coupled   # the second
 
 The untrained pipeline comes from the tiny factory (deterministic random text encoders, VAE and a
 deeper transformer); only the transformer is trained, through `SD3Backbone.velocity` exactly as the
@@ -23,15 +24,15 @@ from pathlib import Path
 
 import torch
 
+from cdmctl.proving.grounds import GROUNDS, Ground
 from cdmctl.proving.groundtruth import GroundTruth
 
 RESOLUTION = 16  # pixels; latents are [4, 8, 8] (the tiny VAE downsamples by 2)
 TEXT_LENGTH = 8  # T5 tokens (preset model.text_length); CLIP uses CLIP_LENGTH tokens
 CLIP_LENGTH = 8
-# The time shift the toy samples and distills with (its scheduler's `shift`). Training draws s ~ U(0, 1) and does not
-# depend on it. SD3's 3.0 makes 4 Euler steps nearly enough for this toy (teacher 4-step precision 0.60 of 0.89);
-# at 6.0 the teacher needs about 8 steps, so 1-4 steps are the few-step regime distillation has to fix.
-SHIFT = 6.0
+# The time shift each toy samples and distills with (its scheduler's `shift`, grounds.py). Training draws s ~ U(0, 1)
+# and does not depend on it. The first toy's 6.0 was chosen because its teacher then needs about 8 Euler steps; sampled
+# without the shift it needs far fewer (issue 24), which is why a second ground exists.
 TRANSFORMER = dict(num_layers=4, attention_head_dim=16, num_attention_heads=4, caption_projection_dim=64,
                    pos_embed_max_size=8)  # fmt: skip
 
@@ -48,38 +49,39 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads (0 = leave as is)
 
 
-SHIPPED = Path(__file__).parent / "toy_sd3"  # the trained teacher, shipped as package data
+SHIPPED = GROUNDS["toy-sd3"].folder  # the first trained teacher, shipped as package data
 
 
-def shipped_digest() -> str:
-    """Short content hash of the shipped teacher's files (it keys the built-in model cache)."""
+def shipped_digest(ground: Ground = GROUNDS["toy-sd3"]) -> str:
+    """Short content hash of a shipped teacher's files (it keys the built-in model cache)."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=6)
-    for path in sorted(p for p in SHIPPED.rglob("*") if p.is_file()):
-        h.update(path.relative_to(SHIPPED).as_posix().encode())
+    for path in sorted(p for p in ground.folder.rglob("*") if p.is_file()):
+        h.update(path.relative_to(ground.folder).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()
 
 
-def install_shipped(folder: Path) -> Path:
-    """Copy the shipped teacher pipeline folder to `folder` (the `builtin:toy-sd3` builder)."""
+def install_shipped(folder: Path, ground: Ground = GROUNDS["toy-sd3"]) -> Path:
+    """Copy a shipped teacher pipeline folder to `folder` (the `builtin:<ground>` builder)."""
     from cdmctl.errors import UserError
 
-    if not (SHIPPED / "model_index.json").is_file():
+    if not (ground.folder / "model_index.json").is_file():
         raise UserError(
-            f"the toy teacher's weights are missing from {SHIPPED}",
-            "reinstall cdmctl, or rebuild them: python -m cdmctl.proving.teacher --out " + str(SHIPPED),
+            f"the toy teacher's weights are missing from {ground.folder}",
+            f"reinstall cdmctl, or rebuild them: python -m cdmctl.proving.teacher --ground {ground.name} "
+            f"--out {ground.folder}",
         )
-    shutil.copytree(SHIPPED, folder)
+    shutil.copytree(ground.folder, folder)
     return Path(folder)
 
 
-def write_untrained(folder: Path, seed: int = 0) -> Path:
+def write_untrained(folder: Path, seed: int = 0, shift: float = GROUNDS["toy-sd3"].shift) -> Path:
     from cdmctl.backbones.tiny import write_tiny_sd3
 
     return write_tiny_sd3(folder, seed=seed, resolution=RESOLUTION, transformer_config=TRANSFORMER,
-                          clip_length=CLIP_LENGTH, shift=SHIFT)  # fmt: skip
+                          clip_length=CLIP_LENGTH, shift=shift)  # fmt: skip
 
 
 def load(folder: Path):
@@ -181,14 +183,15 @@ def check(backbone, teacher: torch.nn.Module, gt: GroundTruth, log=print, per_pr
     return {"reference_guidance": best, "check_per_prompt": per_prompt, "check": scores}
 
 
-def build(out: Path, cfg: TrainConfig, log=lambda text: print(text, flush=True)) -> Path:
-    """Write the untrained pipeline, train its transformer, save the trained pipeline folder to `out`."""
+def build(out: Path, cfg: TrainConfig, ground: Ground = GROUNDS["toy-sd3"],
+          log=lambda text: print(text, flush=True)) -> Path:  # fmt: skip
+    """Write the untrained pipeline, train its transformer on `ground`, save the trained pipeline folder to `out`."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    gt = GroundTruth()
+    gt = ground.truth()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cdmctl-toy-") as tmp:
-        folder = write_untrained(Path(tmp) / "pipe", seed=cfg.seed)
+        folder = write_untrained(Path(tmp) / "pipe", seed=cfg.seed, shift=ground.shift)
         backbone = load(folder)
         teacher = train(backbone, gt, cfg, log)
         seconds = time.perf_counter() - start
@@ -202,9 +205,10 @@ def build(out: Path, cfg: TrainConfig, log=lambda text: print(text, flush=True))
         sanity = check(backbone, teacher, gt, log)
         record = {
             "train": asdict(cfg),
+            "ground": ground.name,
             "ground_truth": asdict(gt.spec),
             "resolution": RESOLUTION,
-            "scheduler_shift": SHIFT,
+            "scheduler_shift": ground.shift,
             "text_length": TEXT_LENGTH,
             "train_seconds": round(seconds, 1),
             "threads": torch.get_num_threads(),
@@ -225,14 +229,15 @@ def build(out: Path, cfg: TrainConfig, log=lambda text: print(text, flush=True))
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="pipeline folder to write (replaced if present)")
+    parser.add_argument("--ground", choices=list(GROUNDS), default="toy-sd3", help="which proving ground to train on")
     for name, value in asdict(TrainConfig()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = vars(parser.parse_args(argv))
-    out = args.pop("out")
+    out, ground = args.pop("out"), GROUNDS[args.pop("ground")]
     from cdmctl.run import quiet_libraries
 
     quiet_libraries()
-    build(out, TrainConfig(**args))
+    build(out, TrainConfig(**args), ground)
 
 
 if __name__ == "__main__":

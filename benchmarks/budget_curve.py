@@ -1,0 +1,303 @@
+"""Budget curves: quality against iterations and against compute, on each proving ground, beside the teacher's
+training-free best.
+
+    python benchmarks/budget_curve.py --ground toy-sd3 --variants cdm ddmd --seeds 2 --budgets 400 800 1600 3200
+    python benchmarks/budget_curve.py --ground toy-sd3-coupled --variants cdm --seeds 2
+
+Each (variant, seed) is one `cdmctl.run.distill` run to the longest budget on the `demo` preset (TBCM: `demo-tbcm`)
+with the ground's teacher, checkpointing at every budget; each checkpoint's EMA student is sampled at 1/2/4/8
+steps at the levels its preset samples at (and, for comparison, at the other choice of time shift) and scored
+against the exact ground truth. Cumulative forward-equivalents (forward 1, backward 2 per sample, every network)
+come from the run's own cost counters. One line per finished run goes to `<out>/<stem>.runs.jsonl`: a cut-off
+invocation rerun with the same arguments skips the runs already there. Writes `<stem>.json` (`summary[variant]
+[iterations][steps][metric] = [mean, std]` over seeds, plus `teacher` rows), `<stem>.md` and `<stem>.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from proving_ground import mean_std, quiet_process  # noqa: E402
+
+STEPS = [1, 2, 4, 8]
+# name -> (label, base preset, overrides on top of it)
+VARIANTS: dict[str, tuple[str, str, list[str]]] = {
+    "cdm": ("CDM (the demo recipe)", "demo", []),
+    "cdm-ca-dm": ("CA+DM, dynamic (CDM loss off)", "demo", ["method.losses.cdm=0"]),
+    "ddmd": ("D-DMD (CA+DM, fixed 4-step)", "demo", ["method.name=ddmd", "method.schedule.kind=fixed",
+                                                      "method.losses.cdm=0"]),
+    "tbcm": ("TBCM (demo-tbcm)", "demo-tbcm", []),
+    "cdm-unshifted": ("CDM, schedule without the time shift", "demo", ["method.schedule.time_shift=false",
+                                                                        "inference.time_shift=false"]),
+}  # fmt: skip
+
+
+def ground_settings(ground: str) -> list[str]:
+    from cdmctl.backbones import ensure_builtin
+
+    return [f"model.pretrained={ensure_builtin(ground)}"]  # a folder: no before/after figure per run
+
+
+def preset_for(job: dict):
+    from cdmctl.config import load_preset
+
+    _, base, overrides = VARIANTS[job["variant"]]
+    budgets = job["budgets"]
+    return load_preset(base, [
+        *overrides, *ground_settings(job["ground"]),
+        f"train.seed={job['seed']}", f"train.iterations={max(budgets)}",
+        f"run.checkpoint_every={min(budgets)}", f"run.keep_checkpoints={max(budgets) // min(budgets) + 1}",
+        "run.sample_every=0", "run.log_every=50", *job["extra"],
+    ])  # fmt: skip
+
+
+def cumulative_cost(metrics_file: Path) -> dict[int, float]:
+    """iteration -> forward-equivalent samples so far (forward 1, backward 2), from the run's metrics.jsonl."""
+    out = {}
+    for line in metrics_file.read_text().splitlines():
+        rec = json.loads(line)
+        totals = {k: v for k, v in rec.items() if k.startswith("cost/total_")}
+        if "iteration" in rec and totals:
+            fwd = sum(v for k, v in totals.items() if k.endswith("_fwd"))
+            bwd = sum(v for k, v in totals.items() if k.endswith("_bwd"))
+            out[int(rec["iteration"])] = fwd + 2 * bwd
+    return out
+
+
+def sampling_choices(preset) -> dict[str, bool]:
+    """label -> time_shift: the preset's own sampling levels first, then the other choice."""
+    own = getattr(preset.inference, "time_shift", True)
+    return {"own": own, "other": not own}
+
+
+def score_student(job: dict, preset, checkpoint: Path, context) -> dict:
+    from cdmctl.config.schema import SAMPLERS
+    from cdmctl.engine.checkpoint import load_weights
+    from cdmctl.proving import evaluate
+
+    backbone, gt, cond, null = context
+    backbone.transformer.load_state_dict(load_weights(checkpoint, "ema" if preset.optim.ema else "student"))
+    sampler = SAMPLERS[preset.method.family]
+    out = {}
+    for label, shift in sampling_choices(preset).items():
+        if sampler != "euler" and label == "other":
+            continue  # TBCM students sample on TrigFlow levels: no shift to choose
+        scores = evaluate.evaluate(backbone, backbone.transformer, gt, cond, null, STEPS, preset.model.resolution,
+                                   per_prompt=job["per_prompt"], seed=job["eval_seed"], sampler=sampler,
+                                   time_shift=shift)  # fmt: skip
+        out[label] = {str(k): v for k, v in scores.items()}
+    return out
+
+
+def distill_and_score(job: dict) -> dict:
+    """One (variant, seed): distill to the longest budget, then score the checkpoint at every budget."""
+    quiet_process(Path(job["workdir"]) / "run.log")
+    from cdmctl.engine.checkpoint import list_checkpoints
+    from cdmctl.proving.grounds import GROUNDS
+    from cdmctl.proving.teacher import load
+    from cdmctl.run import distill
+
+    preset = preset_for(job)
+    start = time.perf_counter()
+    result = distill(preset, out=str(Path(job["workdir"]) / "run"), live=False)
+    seconds = time.perf_counter() - start
+    cost = cumulative_cost(result.metrics)
+    backbone, gt = load(Path(preset.model.pretrained)), GROUNDS[job["ground"]].truth()
+    context = (backbone, gt, backbone.encode_prompts(gt.prompts), backbone.encode_prompts([""]))
+    at = {int(p.name.split("-")[1]): p for p in list_checkpoints(result.folder)}
+    scores = {str(b): {"cost": cost.get(b), **score_student(job, preset, at[b], context)}
+              for b in job["budgets"] if b in at}  # fmt: skip
+    return {"variant": job["variant"], "seed": job["seed"], "ground": job["ground"], "train_seconds": round(seconds, 1),
+            "budgets": scores}  # fmt: skip
+
+
+def score_teacher(job: dict) -> dict:
+    """Training-free samplers of the ground's teacher at 1/2/4/8 and 50 steps: Euler at its shift and without."""
+    quiet_process(Path(job["workdir"]) / "teacher.log")
+    from cdmctl.backbones import ensure_builtin
+    from cdmctl.proving import evaluate
+    from cdmctl.proving.grounds import GROUNDS
+    from cdmctl.proving.teacher import load
+
+    ground = GROUNDS[job["ground"]]
+    backbone, gt = load(ensure_builtin(ground.name)), ground.truth()
+    cond, null = backbone.encode_prompts(gt.prompts), backbone.encode_prompts([""])
+    rows = {}
+    for name, shift in ((f"euler-shift{ground.shift:g}", True), ("euler", False)):
+        scores = evaluate.evaluate(backbone, backbone.transformer, gt, cond, null, [*STEPS, 50], 16,
+                                   per_prompt=job["per_prompt"], seed=job["eval_seed"], time_shift=shift)  # fmt: skip
+        rows[name] = {str(k): v for k, v in scores.items()}
+    return {"variant": "teacher", "seed": None, "ground": job["ground"], "rows": rows}
+
+
+def run_job(job: dict) -> dict:
+    return score_teacher(job) if job["kind"] == "teacher" else distill_and_score(job)
+
+
+def summarize(runs: list[dict]) -> dict:
+    """variant -> iterations -> steps -> metric -> [mean, std] (own sampling; `<variant>@other-shift` the other)."""
+    out: dict = {}
+    for r in (r for r in runs if r["variant"] != "teacher"):
+        for budget, rec in r["budgets"].items():
+            for label in ("own", "other"):
+                key = r["variant"] + ("" if label == "own" else "@other-shift")
+                for steps, metrics in rec.get(label, {}).items():
+                    cell = out.setdefault(key, {}).setdefault(budget, {}).setdefault(steps, {})
+                    for m, v in metrics.items():
+                        cell.setdefault(m, []).append(v)
+                if label == "own" and rec.get("cost") is not None:
+                    out[key][budget].setdefault("cost", []).append(rec["cost"])
+    return {v: {b: {s: ({m: mean_std(vals) for m, vals in cell.items()} if s != "cost" else mean_std(cell))
+                    for s, cell in per_b.items()} for b, per_b in per_v.items()} for v, per_v in out.items()}
+
+
+def free_best(teacher_rows: dict) -> dict:
+    """steps -> (sampler, metrics) of the training-free teacher row with the best precision (then lowest MMD^2)."""
+    best = {}
+    for name, by_steps in teacher_rows.items():
+        for steps, m in by_steps.items():
+            if steps == "50":
+                continue
+            key = (m["precision"], -m["mmd2"])
+            if steps not in best or key > (best[steps][1]["precision"], -best[steps][1]["mmd2"]):
+                best[steps] = (name, m)
+    return best
+
+
+def markdown(report: dict) -> str:
+    s, teacher = report["summary"], report["teacher"]
+    best = free_best(teacher)
+    lines = [f"# Budget curves on the `{report['ground']}` proving ground", "", f"Command: `{report['command']}`", "",
+             f"{report['settings']['seeds']} seeds per variant, checkpoints at {report['settings']['budgets']} "
+             f"iterations, {report['settings']['per_prompt']} samples per prompt, eval seed "
+             f"{report['settings']['eval_seed']}; mean ± std over seeds. `@other-shift`: the same checkpoints sampled "
+             "at the other choice of time shift. Teacher rows: every training-free sampler (no training).", ""]
+    lines += ["## Training-free teacher (precision / MMD^2)", "", "| sampler | " + " | ".join(f"{n} steps" for n in
+              [*STEPS, 50]) + " |", "|---|" + "---|" * (len(STEPS) + 1)]  # fmt: skip
+    for name, by_steps in teacher.items():
+        lines.append(f"| {name} | " + " | ".join(f"{by_steps[str(n)]['precision']:.2f} / {by_steps[str(n)]['mmd2']:.3f}"
+                                                  for n in [*STEPS, 50]) + " |")  # fmt: skip
+    lines += ["", "| best free | " + " | ".join(f"{best[str(n)][1]['precision']:.2f} ({best[str(n)][0]})"
+                                              for n in STEPS) + " | |", ""]  # fmt: skip
+    for metric, digits in (("precision", 2), ("coverage", 2), ("mmd2", 3)):
+        lines += [f"## {metric}", "", "| variant | iterations | forward-equivalents | "
+                  + " | ".join(f"{n} steps" for n in STEPS) + " |", "|---|---|---|" + "---|" * len(STEPS)]
+        for v, per_b in s.items():
+            for b, cell in sorted(per_b.items(), key=lambda kv: int(kv[0])):
+                cost = f"{cell['cost'][0]:.3g}" if "cost" in cell else ""
+                vals = " | ".join(f"{cell[str(n)][metric][0]:.{digits}f} ± {cell[str(n)][metric][1]:.{digits}f}"
+                                  for n in STEPS)  # fmt: skip
+                lines.append(f"| {v} | {b} | {cost} | {vals} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no PNG written", file=sys.stderr)
+        return
+    s, best = report["summary"], free_best(report["teacher"])
+    metrics = ("precision", "coverage", "mmd2")
+    fig, axes = plt.subplots(2, len(metrics), figsize=(6 * len(metrics), 9))
+    cmap = plt.get_cmap("tab10")
+    for row, axis in enumerate(("iterations", "forward-equivalents")):
+        for ax, metric in zip(axes[row], metrics):
+            for i, (v, per_b) in enumerate(s.items()):
+                budgets = sorted(per_b, key=int)
+                xs = [int(b) for b in budgets] if row == 0 else [per_b[b].get("cost", [float("nan")])[0] for b in budgets]
+                for n, style in ((2, "--"), (4, "-")):
+                    ys = [per_b[b][str(n)][metric][0] for b in budgets]
+                    ax.plot(xs, ys, style, marker="o", color=cmap(i % 10), label=f"{v}, {n} steps")
+            for n, style in ((2, "--"), (4, "-")):
+                name, m = best[str(n)]
+                ax.axhline(m[metric], color="black", linestyle=style, linewidth=1,
+                           label=f"teacher free best, {n} steps ({name})")  # fmt: skip
+            ax.set_xscale("log")
+            ax.set_xlabel(axis)
+            ax.set_title(metric + (" (lower is better)" if metric == "mmd2" else " (higher is better)"))
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Budget curves, {report['ground']} ground ({report['settings']['seeds']} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ground", default="toy-sd3", help="toy-sd3 or toy-sd3-coupled")
+    p.add_argument("--variants", nargs="+", default=["cdm", "cdm-ca-dm", "ddmd", "tbcm"], choices=list(VARIANTS))
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--budgets", type=int, nargs="+", default=[400, 800, 1600, 3200])
+    p.add_argument("--per-prompt", type=int, default=16)
+    p.add_argument("--eval-seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--set", dest="extra", action="append", default=[], help="extra preset override for every run")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--stem", default=None, help="result file name (default: budget_curve or budget_curve_<ground>)")
+    p.add_argument("--workdir", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    from cdmctl.backbones import ensure_builtin
+
+    ensure_builtin(args.ground)  # build the cache once, before the workers race for it
+    stem = args.stem or ("budget_curve" if args.ground == "toy-sd3" else f"budget_curve_{args.ground}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    done_file = args.out / f"{stem}.runs.jsonl"
+    results = [json.loads(x) for x in done_file.read_text().splitlines() if x.strip()] if done_file.exists() else []
+    done = {(r["variant"], r["seed"]) for r in results}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cdmctl-budget-") as tmp:
+        work = args.workdir or Path(tmp)
+        common = {"ground": args.ground, "per_prompt": args.per_prompt, "eval_seed": args.eval_seed}
+        jobs = [{"kind": "teacher", "variant": "teacher", "seed": None, "workdir": str(work / "teacher"), **common}]
+        jobs += [{"kind": "run", "variant": v, "seed": seed, "budgets": sorted(args.budgets), "extra": args.extra,
+                  "workdir": str(work / f"{v}-s{seed}"), **common}
+                 for seed in range(args.seeds) for v in args.variants]  # fmt: skip
+        jobs = [j for j in jobs if (j["variant"], j["seed"]) not in done]
+        with mp.get_context("spawn").Pool(max(1, min(args.jobs, len(jobs) or 1)), maxtasksperchild=1) as pool:
+            for r in pool.imap_unordered(run_job, jobs):
+                results.append(r)
+                with done_file.open("a") as f:
+                    f.write(json.dumps(r) + "\n")
+                print(f"{r['variant']} seed {r['seed']} done", flush=True)
+    teacher = next((r["rows"] for r in results if r["variant"] == "teacher"), {})
+    runs = [r for r in results if r["variant"] != "teacher" and r["variant"] in args.variants and r["seed"] < args.seeds]
+    report = {
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{os.cpu_count()} CPU cores",
+        "ground": args.ground,
+        "settings": {"variants": args.variants, "seeds": args.seeds, "budgets": sorted(args.budgets),
+                     "per_prompt": args.per_prompt, "eval_seed": args.eval_seed, "extra_overrides": args.extra,
+                     "overrides": {v: VARIANTS[v][1:] for v in args.variants}},  # fmt: skip
+        "wall_seconds_this_invocation": round(time.perf_counter() - started, 1),
+        "teacher": teacher,
+        "teacher_best": {n: {"sampler": b[0], **b[1]} for n, b in free_best(teacher).items()},
+        "summary": summarize(runs),
+        "runs": runs,
+    }
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(report))
+    plot(report, args.out / f"{stem}.png")
+    print(f"written {args.out}/{stem}.{{json,md,png}}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
