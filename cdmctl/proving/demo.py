@@ -1,7 +1,7 @@
 """The demo's before/after: teacher vs student at the inference step count, scored against the ground truth.
 
-The proving-ground plugin (`plugin.py`) calls `write_before_after` at the end of a run whose teacher is
-`builtin:toy-sd3`; it writes `before_after.png` (ground-truth modes; the teacher at the student's step
+The proving-ground plugin (`plugin.py`) calls `write_before_after` at the end of a run whose teacher is a
+proving ground's (`builtin:toy-sd3`, `builtin:toy-sd3-coupled`); it writes `before_after.png` (ground-truth samples; the teacher at the student's step
 count without and with guidance; the student at that count and at 8 steps; the teacher at 8 steps and
 at 50 guided steps) and `before_after.json` (their metrics, with noise floors).
 """
@@ -18,14 +18,16 @@ import torch
 if TYPE_CHECKING:
     from cdmctl.run import DistillRun
 
-TOY_SOURCE = "builtin:toy-sd3"
 REFERENCE_STEPS = 50
 PER_PROMPT = 8  # samples of every prompt in each column's scores
 MORE_STEPS = 8  # the student is also scored at many steps, where the teacher is good
 
 
 def is_toy_teacher(pretrained: str) -> bool:
-    return pretrained == TOY_SOURCE
+    """Whether `pretrained` names a proving ground's teacher by its built-in name."""
+    from cdmctl.proving.grounds import ground_of
+
+    return pretrained.startswith("builtin:") and ground_of(pretrained) is not None
 
 
 def _line(m: dict[str, float]) -> str:
@@ -42,9 +44,10 @@ def write_before_after(run: "DistillRun", per_prompt: int | None = None, seed: i
     """Score and picture the run's student (EMA when kept) against its teacher; returns the PNG path."""
     from cdmctl.config.schema import SAMPLERS
     from cdmctl.proving import evaluate, figure, metrics, teacher
-    from cdmctl.proving.groundtruth import GroundTruth
+    from cdmctl.proving.grounds import ground_of
 
-    preset, gt = run.preset, GroundTruth()
+    preset = run.preset
+    gt = ground_of(preset.model.pretrained).truth()
     per_prompt = per_prompt or PER_PROMPT
     text = teacher.load(Path(run.source))  # the run may have released its own text encoders
     cond, null = text.encode_prompts(gt.prompts), text.encode_prompts([""])
@@ -77,7 +80,9 @@ def write_before_after(run: "DistillRun", per_prompt: int | None = None, seed: i
     floor = metrics.noise_floor(gt, per_prompt)
     shown = [c * len(gt.spec.shapes) + c % len(gt.spec.shapes) for c in range(len(gt.spec.colors))]
     show = min(4, per_prompt)
-    pictures = [("ground-truth modes", [_line({k: v[0] for k, v in floor.items()}) + " (floor)"], gt.modes[shown])]
+    truth = gt.sample(torch.tensor(shown).repeat_interleave(show), torch.Generator().manual_seed(seed))
+    pictures = [("ground-truth samples", [_line({k: v[0] for k, v in floor.items()}) + " (floor)"],
+                 truth.view(len(shown), show, *truth.shape[1:]))]  # fmt: skip
     for name, (x, m) in columns.items():
         pictures.append((name, [_line(m)], x.view(gt.num_prompts, per_prompt, *x.shape[1:])[shown, :show]))
     title = (f"{preset.name}: {run.distiller.counters.iteration} iterations of {preset.method.name}; "

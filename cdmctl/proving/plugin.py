@@ -1,24 +1,31 @@
-"""The proving ground as a cdmctl plugin: `builtin:toy-sd3` and the demo's before/after report."""
+"""The proving grounds as a cdmctl plugin: `builtin:toy-sd3`, `builtin:toy-sd3-coupled` and the demo's before/after
+report."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 
-def toy_sd3(folder: Path) -> None:
-    """The trained toy teacher: its shipped pipeline folder, copied."""
+def shipped_teacher(name: str, folder: Path) -> None:
+    """A trained toy teacher: its shipped pipeline folder, copied."""
+    from cdmctl.proving.grounds import GROUNDS
     from cdmctl.proving.teacher import install_shipped
 
-    install_shipped(folder)
+    install_shipped(folder, GROUNDS[name])
 
 
-def _toy_sd3_digest() -> str:
+def shipped_digest(name: str) -> str:
+    from cdmctl.proving.grounds import GROUNDS
     from cdmctl.proving.teacher import shipped_digest
 
-    return shipped_digest()
+    return shipped_digest(GROUNDS[name])
 
 
-toy_sd3.digest = _toy_sd3_digest  # shipped weights change with a retrain: part of the cache key
+def builder(name: str):
+    build = partial(shipped_teacher, name)
+    build.digest = partial(shipped_digest, name)  # shipped weights change with a retrain: part of the cache key
+    return build
 
 
 def before_after_report(run) -> str | None:
@@ -35,5 +42,8 @@ def register() -> None:
     from cdmctl.backbones import register_builtin
     from cdmctl.run import register_run_report
 
-    register_builtin("toy-sd3", toy_sd3)
+    from cdmctl.proving.grounds import GROUNDS
+
+    for name in GROUNDS:
+        register_builtin(name, builder(name))
     register_run_report(before_after_report)

@@ -1,0 +1,97 @@
+"""The second proving ground: its structured exact posterior and mode lookup equal brute force over listed modes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from cdmctl.proving import metrics
+from cdmctl.proving.coupled import CoupledGroundTruth, CoupledSpec
+from cdmctl.proving.groundtruth import GroundTruth
+from cdmctl.proving.grounds import GROUNDS, ground_of
+
+SMALL = CoupledSpec(colors=("red", "blue"), shapes=("cat", "dog"), placements=2, medium=1, fine=2)
+
+
+@pytest.fixture(scope="module")
+def small() -> CoupledGroundTruth:
+    return CoupledGroundTruth(SMALL)
+
+
+def listed(gt: CoupledGroundTruth) -> GroundTruth:
+    """The same distribution as a plain mixture: every placement x sign combination listed as a mode."""
+    signs = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=gt.features.shape[2])))  # [2^F, F]
+    modes = gt.bases[:, :, None] + torch.einsum("sf,pkfchw->pkschw", signs, gt.features)
+    plain = GroundTruth()
+    plain.prompts, plain.modes = gt.prompts, modes.flatten(1, 2)
+    plain.spec = type(plain.spec)(modes_per_prompt=plain.modes.shape[1], noise=gt.spec.noise)
+    return plain
+
+
+def test_features_have_disjoint_supports_and_depend_on_the_placement(small):
+    support = small.features != 0  # [P, K, F, C, h, w]
+    assert support.sum(2).max() == 1  # no element in two features of one placement
+    assert not torch.equal(small.features[0, 0], small.features[0, 1])  # detail follows the placement
+
+
+@pytest.mark.parametrize("s", [0.05, 0.3, 0.7, 0.97])
+def test_exact_posterior_equals_the_listed_mixture(small, s):
+    plain = listed(small)
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.arange(small.num_prompts).repeat_interleave(3)
+    x0 = small.sample(idx, gen).double()
+    xs = (1 - s) * x0 + s * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    for prompts in (idx, None):  # float64 throughout: the modes follow the input's dtype
+        assert torch.allclose(small.exact_x0(xs, torch.tensor(s), prompts), plain.exact_x0(xs, torch.tensor(s), prompts),
+                              atol=1e-9)  # fmt: skip
+
+
+def test_nearest_mode_equals_brute_force(small):
+    plain = listed(small)
+    gen = torch.Generator().manual_seed(2)
+    idx = torch.arange(small.num_prompts).repeat_interleave(4)
+    x = small.sample(idx, gen) + 0.2 * torch.randn((len(idx), *small.latent_shape), generator=gen)
+    prompt, placement, dist = small.nearest_modes(x)
+    want_prompt, want_mode, want_dist = plain.nearest_modes(x)
+    assert torch.equal(prompt, want_prompt)
+    assert torch.equal(placement, want_mode // 2 ** small.features.shape[2])
+    assert torch.allclose(dist, want_dist, atol=1e-9)
+    assert metrics.min_mode_separation(small) == pytest.approx(plain.min_mode_separation(), abs=1e-6)
+
+
+def test_ground_truth_samples_score_perfectly_and_blends_do_not():
+    gt = GROUNDS["toy-sd3-coupled"].truth()
+    ref, ref_idx = metrics.reference_set(gt)
+    x, idx = gt.sample_per_prompt(8, torch.Generator().manual_seed(3))
+    assert metrics.score(gt, x, idx, ref, ref_idx)["precision"] == 1.0
+    other, _ = gt.sample_per_prompt(8, torch.Generator().manual_seed(4))
+    blended = metrics.score(gt, (x + other) / 2, idx, ref, ref_idx)  # half-way between two modes of each prompt
+    assert blended["precision"] < 0.2
+
+
+def test_exact_velocity_needs_steps_where_the_shift_spends_them():
+    """With the exact velocity, 2 Euler steps at the ground's own shift miss most modes; 32 steps do not."""
+    ground = GROUNDS["toy-sd3-coupled"]
+    gt = ground.truth()
+    ref, ref_idx = metrics.reference_set(gt)
+    idx = torch.arange(gt.num_prompts).repeat_interleave(2)
+    noise = torch.randn((len(idx), *gt.latent_shape), generator=torch.Generator().manual_seed(0))
+
+    def euler(steps: int) -> float:
+        u = torch.tensor([1.0 - i / steps for i in range(steps)] + [0.0], dtype=torch.float64)
+        s = ground.shift * u / (1 + (ground.shift - 1) * u)
+        x = noise.clone()
+        for i in range(steps):
+            x = x + float(s[i + 1] - s[i]) * gt.exact_velocity(x, torch.tensor(float(s[i])), idx)
+        return metrics.score(gt, x, idx, ref, ref_idx)["precision"]
+
+    assert euler(2) < 0.2 and euler(32) > 0.95
+
+
+def test_ground_of_tells_the_grounds_apart():
+    assert ground_of("builtin:toy-sd3").name == "toy-sd3"
+    assert ground_of("/cache/builtin/toy-sd3-coupled-v3-0.42-5.25-abc").name == "toy-sd3-coupled"
+    assert ground_of("/cache/builtin/toy-sd3-v3-0.42-5.25-abc").name == "toy-sd3"
+    assert ground_of("stabilityai/stable-diffusion-3-medium-diffusers") is None
