@@ -1,4 +1,4 @@
-"""How cdmctl was installed: its distribution name, its version, and the pip command that adds an extra.
+"""How cdmctl was installed: its distribution name and the pip command that adds an extra to this install.
 
 The import and command name is `cdmctl`, but the name `cdmctl` on the public package index belongs to an
 unrelated project, so the distribution is `cdmctl-distill`. A hint naming the extra `cdmctl[fid]` would
@@ -14,16 +14,6 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 DIST = "cdmctl-distill"
-
-
-def version() -> str:
-    """The installed distribution's version; the source tree's when cdmctl runs uninstalled."""
-    try:
-        return metadata.version(DIST)
-    except metadata.PackageNotFoundError:
-        from cdmctl import __version__
-
-        return __version__
 
 
 def install_extra(extra: str) -> str:
