@@ -238,7 +238,7 @@ class MethodConfig(Section):
     )
     cdm_teacher_level: Literal["independent", "coupled"] = Field(
         "independent", description="CDM's teacher re-noise level sc: an independent draw (the method), or coupled: "
-        "sc = se and, with the gaussian perturbation, the same noise (an ablation; releases before 0.2 did this)."
+        "sc = se and, with the gaussian perturbation, the same noise (an ablation; development versions before 0.2.0 did this)."
     )
     ttur_ratio: int = Field(2, ge=1, description="Fake-teacher updates per student update (k).")
     simulation: Literal["per-iteration", "per-cycle"] = Field(
