@@ -117,3 +117,14 @@ def test_a_missing_base_names_the_presets(tmp_path):
     (tmp_path / "mine.yaml").write_text("base: no-such-preset\n")
     with pytest.raises(UserError, match="unknown preset 'no-such-preset'"):
         load_preset(str(tmp_path / "mine.yaml"))
+
+
+def test_the_version_is_written_once_and_the_changelog_has_its_release():
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    assert 'dynamic = ["version"]' in (root / "pyproject.toml").read_text()
+    assert re.search(rf"^## {re.escape(__version__)} - \d{{4}}-\d{{2}}-\d{{2}}$", (root / "CHANGELOG.md").read_text(), re.M)
+    from importlib.metadata import version
+
+    assert version("cdmctl-distill") == __version__
