@@ -18,8 +18,8 @@ _FROM_TINY = ("BUILTINS", "ensure_builtin", "register_builtin")
 
 
 def __getattr__(name: str) -> Any:
-    """The built-in model registry lives in `tiny`, imported on first use (so that `python -m
-    cdmctl.backbones.tiny` runs a module that is not imported yet)."""
+    """The built-in model registry lives in the `tiny` subpackage, imported on first use (importing this package
+    stays cheap)."""
     if name in _FROM_TINY:
         from cdmctl.backbones import tiny
 
