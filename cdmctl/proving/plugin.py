@@ -33,7 +33,7 @@ def before_after_report(run) -> str | None:
 def register() -> None:
     """Entry point `cdmctl.plugins: proving` (pyproject.toml)."""
     from cdmctl.backbones import register_builtin
-    from cdmctl.run import register_run_report
+    from cdmctl.plugins import register_run_report
 
     register_builtin("toy-sd3", toy_sd3)
     register_run_report(before_after_report)
