@@ -8,7 +8,7 @@ Every run is `cdmctl.run.distill` on the `demo` preset (the toy teacher's hyper-
 with its family's sampler (plain Euler; TBCM: sCM's consistency sampler, the same schedule)
 (paired noise: every model sees the same starting noise) and scored by `cdmctl.proving.metrics`. The
 teacher is the reference at the same step counts and at 50 steps, without and with guidance.
-Writes `<out>/proving_ground.{json,md,png}` (the PNG needs matplotlib: pip install 'cdmctl[plot]').
+Writes `<out>/proving_ground.{json,md,png}` (the PNG needs matplotlib: the `plot` extra).
 """
 
 from __future__ import annotations
@@ -214,7 +214,9 @@ def plot(report: dict, path: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install 'cdmctl[plot]'): no PNG written", file=sys.stderr)
+        from cdmctl.distribution import install_extra
+
+        print(f"matplotlib is not installed ({install_extra('plot')}): no PNG written", file=sys.stderr)
         return None
     s, floor = report["summary"], report["noise_floor"]
     metrics = ("precision", "coverage", "mmd2")

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from cdmctl.backbones.toy import ToyBackbone  # noqa: E402
+from cdmctl.backbones.tiny.toy import ToyBackbone  # noqa: E402
 from cdmctl.config.load import load_preset  # noqa: E402
 from cdmctl.engine.loop import Distiller  # noqa: E402
 from cdmctl.engine.roles import Roles  # noqa: E402

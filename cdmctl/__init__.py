@@ -1,3 +1,3 @@
 """cdmctl: distil flow-matching text-to-image models into few-step students with CDM."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

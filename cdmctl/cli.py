@@ -14,13 +14,25 @@ from rich.markup import escape
 
 from cdmctl.errors import UserError
 
+def examples(*lines: str) -> str:
+    """The end of a command's --help: a few complete command lines (rich joins single newlines: one paragraph
+    each; no square brackets, which rich would take for markup)."""
+    return "Examples:\n\n" + "\n\n".join(lines)
+
+
 app = typer.Typer(
+    epilog=examples(
+        "cdmctl distill --preset demo    # distil the toy teacher on CPU, nothing downloaded",
+        "cdmctl export runs/demo --out students/demo",
+        'cdmctl generate "a red cat" "a blue bird" --model students/demo',
+    ),
     help="Distil flow-matching text-to-image models into 1-8 step students with Continuous-Time Distribution "
     "Matching, then export, sample and score them.",
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-presets_app = typer.Typer(help="List and inspect the built-in presets.")
+presets_app = typer.Typer(help="List and inspect the built-in presets.",
+                          epilog=examples("cdmctl presets list", "cdmctl presets show sd3-4nfe"))
 app.add_typer(presets_app, name="presets")
 console = Console()
 err_console = Console(stderr=True)
@@ -32,7 +44,15 @@ EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a
 # before click 8.2, a NoArgsIsHelpError since). Here it is always the help and exit 2, click 8.2's convention:
 # a bare group names no command, so scripts must not take it for success.
 @app.callback(invoke_without_command=True)
-def _root(ctx: typer.Context) -> None:
+def _root(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, help="Print cdmctl's version and exit.")] = False,
+) -> None:
+    if version:
+        from cdmctl import __version__
+
+        typer.echo(f"cdmctl {__version__}")
+        raise typer.Exit(0)
     _help_when_bare(ctx)
 
 
@@ -49,7 +69,11 @@ def _help_when_bare(ctx: typer.Context) -> None:
         raise typer.Exit(EXIT_USAGE)
 
 
-@app.command()
+@app.command(epilog=examples(
+    "cdmctl distill --preset demo    # the toy teacher on CPU, a few minutes",
+    "cdmctl distill --preset sd3-4nfe --set model.pretrained=my/model --set data.prompts=prompts.txt",
+    "cdmctl distill --preset my.yaml --out runs/mine --resume    # continue from the newest intact checkpoint",
+))
 def distill(
     preset: Annotated[str, typer.Option("--preset", "-p", help="Built-in preset name or a path to a YAML file.")],
     set_: Annotated[
@@ -87,7 +111,11 @@ def distill(
         console.print(f"  {label:<11} {path}", soft_wrap=True, highlight=False, markup=False)
 
 
-@app.command()
+@app.command(epilog=examples(
+    "cdmctl export runs/sd3-4nfe --out students/sd3-turbo",
+    "cdmctl export runs/sd3-4nfe -o students/sd3-turbo-bf16 --dtype bf16 --checkpoint 2000 --no-ema",
+    "cdmctl export runs/longcat-4nfe --out students/longcat-lora --lora-only",
+))
 def export(
     run_dir: Annotated[str, typer.Argument(help="Run folder written by `cdmctl distill`.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Folder to write the diffusers pipeline to.")],
@@ -126,7 +154,11 @@ def _unused_parts_note(folder) -> list[str]:
             "leave it out"]
 
 
-@app.command()
+@app.command(epilog=examples(
+    'cdmctl generate "a cat saying hello" --model students/sd3-turbo -n 4',
+    "cdmctl generate --prompts prompts.txt --model runs/sd3-4nfe --checkpoint latest --steps 2",
+    'cdmctl generate "a lighthouse" --model students/sd3-turbo --sigmas 1,0.8,0.5,0.2 --compare-teacher',
+))
 def generate(
     prompt: Annotated[Optional[list[str]], typer.Argument(help="One or more prompts.", show_default=False)] = None,
     prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompt file (.txt or .jsonl) or builtin:NAME.")] = None,
@@ -183,13 +215,17 @@ def generate(
             console.print(f"  {label:<8} {path}", soft_wrap=True, highlight=False, markup=False)
 
 
-@app.command("eval", context_settings={"allow_extra_args": True})
+@app.command("eval", context_settings={"allow_extra_args": True}, epilog=examples(
+    "cdmctl eval --model students/sd3-turbo --metrics pickscore hpsv2 --prompts pickscore-test -o evals/sd3-turbo",
+    "cdmctl eval --model students/a --model students/b --metrics fid --metric-option fid.reference=coco-2014-10k",
+    "cdmctl eval --compare evals/a evals/b",
+))
 def eval_(
     ctx: typer.Context,
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Student to evaluate: exported folder, run folder or hub id. Repeat to compare several.")] = None,
     metrics: Annotated[Optional[list[str]], typer.Option("--metrics", help="Metrics: pickscore clipscore hpsv2 aesthetic fid hpsv3 imagereward ocr dpg (alias dpgbench), space- or comma-separated.")] = None,
     prompts: Annotated[str, typer.Option(help="Prompt set (pickscore-test, dpg-bench, ocr, coco-2014-10k) or a .txt/.jsonl file.")] = "pickscore-test",
-    out: Annotated[Optional[str], typer.Option(help="Result folder (default evals/<model name>; several models: one folder each under it).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Result folder (default evals/<model name>; several models: one folder each under it).")] = None,
     phase: Annotated[str, typer.Option(help="generate, score or all. Each phase resumes where it stopped.")] = "all",
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: the student's own).")] = None,
     sigmas: Annotated[Optional[str], typer.Option(help="Unshifted schedule, e.g. 1,0.75,0.5,0.25 (instead of --steps).")] = None,
@@ -204,13 +240,14 @@ def eval_(
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="For a run folder: sample the EMA weights.")] = True,
     device: Annotated[Optional[str], typer.Option(help="Device (default: this rank's GPU, else cpu).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Student dtype (default bf16 on GPU, fp32 on CPU).")] = None,
-    metric_option: Annotated[Optional[list[str]], typer.Option("--metric-option", "-o", help="METRIC.OPTION=VALUE, e.g. fid.reference=coco-2014-10k (repeatable).")] = None,
+    metric_option: Annotated[Optional[list[str]], typer.Option("--metric-option", help="METRIC.OPTION=VALUE, e.g. fid.reference=coco-2014-10k (repeatable).")] = None,
     rescore: Annotated[bool, typer.Option("--rescore", help="Discard stored scores of these metrics and score again.")] = False,
     cache_embeddings: Annotated[bool, typer.Option("--cache-embeddings/--no-cache-embeddings", help="Sample from the on-disk prompt-embedding cache (encoded once per text encoder and prompt set; the text encoders are freed) instead of encoding prompts per batch.")] = True,
     embedding_cache: Annotated[Optional[str], typer.Option(help="Embedding cache folder (default $CDMCTL_CACHE/embeddings, as distill's).")] = None,
     compare: Annotated[Optional[list[str]], typer.Option("--compare", help="Only print one table over these result folders.")] = None,
 ) -> None:
     """Generate images for a prompt set and score them (PickScore, HPS, FID, ...); or compare result folders."""
+    refuse_metric_option_as_out(out)
     from cdmctl import evaluate as ev
     from cdmctl.generate import check_device, check_steps, parse_sigmas
     from cdmctl.outputs import check_not_file
@@ -249,21 +286,25 @@ def eval_(
             console.print(f"  {row['label']}: {row['folder']}/summary.md", highlight=False, markup=False)
 
 
-@presets_app.command("list")
+@presets_app.command("list", epilog=examples("cdmctl presets list", "cdmctl presets list | grep longcat"))
 def presets_list() -> None:
-    """Name and one-line description of every built-in preset."""
-    from rich.table import Table
-
+    """Name, method, model and one-line description of every built-in preset."""
     from cdmctl.config import builtin_presets, load_preset
 
-    table = Table("preset", "method", "model", "description")
+    rows = [("preset", "method", "model", "description")]
     for name in sorted(builtin_presets()):
         p = load_preset(name)
-        table.add_row(name, p.method.name, p.model.pretrained, p.description)
-    console.print(table)
+        rows.append((name, p.method.name, p.model.pretrained, p.description))
+    # Plain columns, never cut or wrapped to the terminal: hub ids and names ("FLUX.2 [klein]") stay whole.
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
 
 
-@presets_app.command("show")
+@presets_app.command("show", epilog=examples(
+    "cdmctl presets show sd3-4nfe",
+    "cdmctl presets show my.yaml --set method.guidance=5 --no-docs",
+))
 def presets_show(
     name: Annotated[str, typer.Argument(help="Preset name or path.")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a field (as for distill).")] = None,
@@ -278,6 +319,16 @@ def presets_show(
         console.print(describe_preset(resolved), highlight=False, soft_wrap=True, markup=False)
     else:
         _print_yaml(resolved.model_dump(mode="json"))
+
+
+def refuse_metric_option_as_out(out: str | None) -> None:
+    """`-o` means --out in every command; before 0.2.0 it was eval's --metric-option. A value that reads as a
+    metric option would silently become a result folder named like one, so it is refused."""
+    import re
+
+    if out and re.fullmatch(r"[a-z0-9_]+\.[a-z0-9_.]+=.*", out):
+        raise UserError(f"--out/-o got '{out}', which reads as a metric option (-o is --out since 0.2.0)",
+                        f"write --metric-option {out}")  # fmt: skip
 
 
 def _quiet_libraries() -> None:

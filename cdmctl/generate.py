@@ -13,9 +13,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from cdmctl.backbones.loading import dtype_kwarg
 from cdmctl.errors import UserError
 from cdmctl.outputs import reporting_disk_full
-from cdmctl.export import INFO_FILE, dtype_kwarg, inference_levels, parse_dtype, read_info
+from cdmctl.studentload import INFO_FILE, inference_levels, parse_dtype, read_info
 
 DEFAULT_STEPS = 4
 GRID_FILE = "grid.png"
@@ -428,7 +429,7 @@ def _from_pipeline(source: str, info: dict[str, Any], dtype: torch.dtype, model:
 def _from_lora(source: str, info: dict[str, Any], dtype: torch.dtype, model: str, text_encoders: bool = True) -> Student:
     """A `--lora-only` export: the base model named in cdmctl.json plus the adapter (on its transformer, the
     one way every family's pipeline takes it)."""
-    from cdmctl.export import LORA_PREFIX, LORA_WEIGHT_NAME
+    from cdmctl.studentload import LORA_PREFIX, LORA_WEIGHT_NAME
 
     base = info.get("base_model")
     if not base:
@@ -448,7 +449,7 @@ def _from_lora(source: str, info: dict[str, Any], dtype: torch.dtype, model: str
 
 def _from_run(run_dir: Path, checkpoint: str | int, ema: bool, dtype: torch.dtype) -> Student:
     from cdmctl.engine.checkpoint import find_checkpoint
-    from cdmctl.export import student_pipeline
+    from cdmctl.studentload import student_pipeline
 
     ckpt = find_checkpoint(run_dir, checkpoint)
     pipe, manifest = student_pipeline(ckpt, ema=ema, dtype=dtype)

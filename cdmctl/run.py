@@ -8,7 +8,7 @@ import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from cdmctl.errors import UserError
 from cdmctl.networks import adamw, build_networks, forward_context, lora_key
 from cdmctl.parallel import (FSDP2, SINGLE, build_accelerator, check_supported, effective_strategy, grad_clipper,
                              mixed_precision, place_teacher, prepare_networks, prepare_trained, wrap_blocks)
+from cdmctl.plugins import RUN_REPORTS, register_run_report  # noqa: F401 (plugins register reports; a cheap import)
 from cdmctl.prompts import load_prompts, prompt_file_sha256
 from cdmctl.quiet import quiet_libraries
 from cdmctl.runfolder import trim_metrics
@@ -498,15 +499,6 @@ class DistillRun:
                             p.train.max_nonfinite)
         train(self.distiller, schedule, hooks, p.train.batch_size)
         return hooks
-
-
-# Reports written at the end of a run by the main process: report(run) -> a line to show, or None when the
-# report does not apply to this run. Plugins register them (the proving ground: the demo's before/after).
-RUN_REPORTS: list[Callable[["DistillRun"], str | None]] = []
-
-
-def register_run_report(report: Callable[["DistillRun"], str | None]) -> None:
-    RUN_REPORTS.append(report)
 
 
 def write_run_reports(run: "DistillRun", dashboard) -> None:

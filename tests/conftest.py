@@ -35,7 +35,7 @@ def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_longcat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny LongCat-Image pipeline folder of the real diffusers/transformers classes (seed 0). Read-only."""
-    from cdmctl.backbones.tiny_longcat import write_tiny_longcat
+    from cdmctl.backbones.tiny.longcat import write_tiny_longcat
 
     return write_tiny_longcat(tmp_path_factory.mktemp("tiny-longcat") / "pipe", seed=0)
 

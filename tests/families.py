@@ -86,18 +86,18 @@ def _qwen_pack(pipe, x):
 SPECS = {
     "flux2-klein": FamilySpec(
         family="flux2-klein", pipeline="Flux2KleinPipeline",
-        writer="cdmctl.backbones.tiny_flux2_klein:write_tiny_flux2_klein", preset="flux2-klein-4nfe",
+        writer="cdmctl.backbones.tiny.flux2_klein:write_tiny_flux2_klein", preset="flux2-klein-4nfe",
         encoding=_flux2_encoding, latents_in=lambda pipe, x: x, latents_out=_flux2_out,
         latent=(128, 16), no_cfg={"guidance_scale": 1.0},
     ),
     "qwenimage": FamilySpec(
-        family="qwenimage", pipeline="QwenImagePipeline", writer="cdmctl.backbones.tiny_qwenimage:write_tiny_qwenimage",
+        family="qwenimage", pipeline="QwenImagePipeline", writer="cdmctl.backbones.tiny.qwenimage:write_tiny_qwenimage",
         preset="qwenimage-4nfe", encoding=_qwen_encoding, latents_in=_qwen_pack, latents_out=_qwen_pack,
         # true CFG: `true_cfg_scale` with a negative prompt, then rescaled per token to the conditional norm
         guidance_arg="true_cfg_scale", cfg_renorm=True, no_cfg={"true_cfg_scale": 1.0},
     ),
     "zimage": FamilySpec(
-        family="zimage", pipeline="ZImagePipeline", writer="cdmctl.backbones.tiny_zimage:write_tiny_zimage",
+        family="zimage", pipeline="ZImagePipeline", writer="cdmctl.backbones.tiny.zimage:write_tiny_zimage",
         preset="zimage-4nfe", encoding=_zimage_encoding, latents_in=lambda pipe, x: x, latents_out=lambda pipe, x: x,
         # cond + g (cond - uncond): the standard scale is g + 1; its default sigmas are its own, not a linspace
         guidance_offset=1.0, linspace_default=False, no_cfg={"guidance_scale": 0.0},

@@ -93,7 +93,7 @@ def test_with_torchvision_the_whole_folder_loads_including_its_text_processor(ti
 
 
 def test_tiny_folder_is_small_and_deterministic(tiny_longcat_dir: Path, tmp_path: Path):
-    from cdmctl.backbones.tiny_longcat import write_tiny_longcat
+    from cdmctl.backbones.tiny.longcat import write_tiny_longcat
 
     assert sum(p.stat().st_size for p in tiny_longcat_dir.rglob("*") if p.is_file()) < 3 * 2**20
     state = torch.random.get_rng_state()

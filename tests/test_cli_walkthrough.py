@@ -93,7 +93,8 @@ def test_eval_scores_a_run_resumes_and_compares(trained_run, tmp_path, monkeypat
     prompts.write_text("a red cube\na blue ball\na green tree\n")
     out = tmp_path / "eval"
     args = ["eval", "--model", str(trained_run), "--metrics", "pickscore", "clipscore", "--prompts", str(prompts),
-            "-o", f"pickscore.model={clip}", "-o", f"pickscore.processor={clip}", "-o", f"clipscore.model={clip}",
+            "--metric-option", f"pickscore.model={clip}", "--metric-option", f"pickscore.processor={clip}",
+            "--metric-option", f"clipscore.model={clip}",
             "--out", str(out), "--batch-size", "2"]
     code, stdout, err = run_cli(monkeypatch, capsys, *args)
     assert code == 0, err

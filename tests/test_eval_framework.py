@@ -16,6 +16,7 @@ from rich.console import Console
 
 from cdmctl import evaluate as ev
 from cdmctl import prompt_sets as ps
+from cdmctl.distribution import install_extra
 from cdmctl.errors import UserError
 from cdmctl.metrics import REGISTRY, MetricSpec
 
@@ -188,7 +189,7 @@ def test_missing_extra_fails_before_any_work_with_the_install_command(tmp_path, 
     calls: list[int] = []
     with pytest.raises(UserError) as err:
         ev.run_eval(["m"], "unused-prompts.txt", ["pickscore"], tmp_path / "out", sampler_factory=lambda m: fake_sampler(calls))
-    assert err.value.fix == "pip install 'cdmctl[eval]'" and "cdmctl_no_such_module" in err.value.message
+    assert err.value.fix == install_extra("eval") and "cdmctl_no_such_module" in err.value.message
     assert calls == [] and not (tmp_path / "out").exists()
 
 

@@ -290,7 +290,7 @@ def test_eval_generates_and_scores_the_export(exported: Path, tmp_path: Path, mo
     prompts.write_text("a red cube\na blue ball\n")
     out = tmp_path / "eval"
     code, _, err = run_cli(monkeypatch, capsys, "eval", "--model", str(exported), "--metrics", "clipscore",
-                           "--prompts", str(prompts), "-o", f"clipscore.model={clip}", "--out", str(out))  # fmt: skip
+                           "--prompts", str(prompts), "--metric-option", f"clipscore.model={clip}", "--out", str(out))  # fmt: skip
     assert code == 0, err
     assert len(list((out / "images").glob("*.png"))) == 2
     summary = json.loads((out / "summary.json").read_text())

@@ -288,7 +288,7 @@ def test_eval_refuses_weights_missing_offline_before_generating_anything(tiny_sd
     out = tmp_path / "ev"
     prompts = write_prompts(tmp_path / "p.txt", "a cat", "a dog")
     result = cdmctl("eval", "-m", str(tiny_sd3_dir), "--prompts", str(prompts), "--metrics", "clipscore",
-                    "-o", "clipscore.model=nobody/not-cached-model", "--out", str(out), "--device", "cpu",
+                    "--metric-option", "clipscore.model=nobody/not-cached-model", "--out", str(out), "--device", "cpu",
                     env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")})  # fmt: skip
     assert_one_error(result, 2, "metric 'clipscore' needs nobody/not-cached-model, which is not in the local hub cache")
     assert not list(out.rglob("*.png")) if out.exists() else True

@@ -57,10 +57,10 @@ def test_the_backbone_interface_the_engine_uses_imports_no_model_library():
 
 def test_the_layering_check_catches_relative_and_absolute_imports(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from ..backbones import toy\nimport diffusers.models\nfrom transformers import AutoModel\n")
+    bad.write_text("from ..backbones.tiny import toy\nimport diffusers.models\nfrom transformers import AutoModel\n")
     names = imported_modules(bad)
-    assert {"cdmctl.backbones", "cdmctl.backbones.toy", "diffusers.models", "transformers"} <= names
-    assert forbidden("cdmctl.backbones.toy") and forbidden("diffusers.models") and forbidden("transformers")
+    assert {"cdmctl.backbones.tiny", "cdmctl.backbones.tiny.toy", "diffusers.models", "transformers"} <= names
+    assert forbidden("cdmctl.backbones.tiny.toy") and forbidden("diffusers.models") and forbidden("transformers")
     assert not forbidden("cdmctl.backbones.base.Conditioning") and not forbidden("torch")
 
 

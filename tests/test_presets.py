@@ -142,7 +142,7 @@ def longcat_shift(resolution: int):
     dynamic-shift values LongCatImagePipeline falls back to (mu from the packed sequence length)."""
     from cdmctl.backbones.flow import scheduler_shift
     from cdmctl.backbones.longcat import image_mu
-    from cdmctl.backbones.tiny_longcat import tiny_longcat_scheduler
+    from cdmctl.backbones.tiny.longcat import tiny_longcat_scheduler
 
     scheduler = tiny_longcat_scheduler()
     mu = image_mu(scheduler.config, 8, resolution, resolution)
@@ -167,7 +167,7 @@ def qwenimage_shift(resolution: int):
 
     from cdmctl.backbones.flow import scheduler_shift
     from cdmctl.backbones.qwenimage import image_mu, without_terminal_stretch
-    from cdmctl.backbones.tiny_qwenimage import SCHEDULER_CONFIG
+    from cdmctl.backbones.tiny.qwenimage import SCHEDULER_CONFIG
 
     scheduler = without_terminal_stretch(FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG))
     mu = image_mu(scheduler.config, 8, resolution, resolution)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cdmctl.backbones.toy import ToyBackbone
+from cdmctl.backbones.tiny.toy import ToyBackbone
 from cdmctl.engine.rng import generator
 from cdmctl.engine.schedules import fixed_schedule, sample_dynamic_schedule, sample_record_index
 from cdmctl.engine.simulate import simulate

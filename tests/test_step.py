@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from cdmctl.backbones.toy import ToyBackbone
+from cdmctl.backbones.tiny.toy import ToyBackbone
 from cdmctl.config.schema import MethodConfig, OptimConfig
 from cdmctl.engine import losses as L
 from cdmctl.engine.cost import CostCounter

@@ -18,8 +18,8 @@ _FROM_TINY = ("BUILTINS", "ensure_builtin", "register_builtin")
 
 
 def __getattr__(name: str) -> Any:
-    """The built-in model registry lives in `tiny`, imported on first use (so that `python -m
-    cdmctl.backbones.tiny` runs a module that is not imported yet)."""
+    """The built-in model registry lives in the `tiny` subpackage, imported on first use (importing this package
+    stays cheap)."""
     if name in _FROM_TINY:
         from cdmctl.backbones import tiny
 
@@ -42,9 +42,20 @@ def register_family(name: str, adapter: str | type) -> None:
     FAMILIES[name] = adapter
 
 
+def known_families(name: str | None = None) -> list[str]:
+    """Every registered family: the built-in ones and, once asked for a name that is not built in (or for all),
+    those that installed plugins register (`cdmctl.plugins`; loading them imports torch, so only then). In
+    registration order: the built-in families come first wherever a pipeline class is looked up."""
+    if name is None or name not in FAMILIES:
+        from cdmctl.plugins import load_plugins
+
+        load_plugins()
+    return list(FAMILIES)
+
+
 def adapter_class(family: str) -> type:
     """The adapter class of `family`; UserError naming the known families otherwise."""
-    if family not in FAMILIES:
+    if family not in known_families(family):
         raise UserError(f"unknown model family '{family}'", f"use one of: {', '.join(sorted(FAMILIES))}")
     adapter = FAMILIES[family]
     if isinstance(adapter, str):
@@ -57,7 +68,7 @@ def adapter_class(family: str) -> type:
 
 def family_for_pipeline(pipeline_class: str | None) -> str | None:
     """The family whose folders hold `pipeline_class` (a diffusers pipeline class name), or None."""
-    for name in FAMILIES:
+    for name in known_families():
         if pipeline_class and getattr(adapter_class(name), "pipeline_class", None) == pipeline_class:
             return name
     return None
@@ -97,6 +108,7 @@ __all__ = [
     "adapter_for_pipeline",
     "ensure_builtin",
     "family_for_pipeline",
+    "known_families",
     "load_backbone",
     "register_builtin",
     "register_family",

@@ -63,6 +63,45 @@ def read_raw(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_preset(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The file's sections merged over those of the preset its `base:` names (a built-in name or a file, relative
+    to this one), recursively: a preset holds only what differs from its base. Cycles are refused."""
+    data = read_raw(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    chain = (*chain, path.resolve())
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{path}: base must be a preset name or file, got {base!r}", "e.g. base: sd3-4nfe")
+    parent = base_path(base, path)
+    if parent.resolve() in chain:
+        names = " -> ".join(p.name for p in (*chain, parent.resolve()))
+        raise UserError(f"presets extend each other in a cycle: {names}", "remove one of these `base:` lines")
+    merged = read_preset(parent, chain)
+    merged.pop("name", None)  # a preset is named after its own file; its description says what it is
+    merged.pop("description", None)
+    return deep_merge(merged, data)
+
+
+def base_path(base: str, child: Path) -> Path:
+    """A `base:` value: a file beside the preset that names it, else a built-in name or a path."""
+    beside = child.parent / base
+    if Path(base).suffix in PRESET_SUFFIXES and beside.is_file():
+        return beside
+    return preset_path(base)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: sections merge key by key, anything else (values, lists, null) replaces."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one `dotted.key=value` (value parsed as YAML) in place; never creates a new section silently."""
     key, sep, text = assignment.partition("=")
@@ -99,7 +138,7 @@ def validate(data: dict[str, Any], source: str) -> Preset:
 def load_preset(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Preset:
     """Resolve, override and validate a preset. The name defaults to the file's stem."""
     path = preset_path(name_or_path)
-    data = read_raw(path)
+    data = read_preset(path)
     data.setdefault("name", path.stem)
     for assignment in overrides:
         apply_override(data, assignment)

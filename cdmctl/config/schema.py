@@ -29,9 +29,10 @@ class LoraConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["sd3", "longcat", "flux2-klein", "qwenimage", "zimage"] = Field(
+    backbone: str = Field(
         "sd3", description="Backbone adapter (model family): sd3 (SD3, SD3.5), longcat (LongCat-Image), flux2-klein "
-        "(FLUX.2 [klein] base), qwenimage (Qwen-Image) or zimage (Z-Image).",
+        "(FLUX.2 [klein] base), qwenimage (Qwen-Image), zimage (Z-Image), or a family an installed plugin registers "
+        "(docs/adding-a-backbone.md).",
     )
     pretrained: str = Field(
         ..., description="Teacher: a hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers) or a local folder."
@@ -90,6 +91,16 @@ class ModelConfig(Section):
     def fake_kind(self) -> str:
         """What the fake teacher is: 'full' (a trainable copy) or 'lora' (an adapter over the frozen base)."""
         return self.fake_teacher or self.train
+
+    @field_validator("backbone")
+    @classmethod
+    def _registered_family(cls, v: str) -> str:
+        from cdmctl.backbones import known_families
+
+        families = known_families(v)
+        if v not in families:
+            raise ValueError(f"unknown model family '{v}'; registered families: {', '.join(sorted(families))}")
+        return v
 
     @field_validator("resolution")
     @classmethod
@@ -227,7 +238,7 @@ class MethodConfig(Section):
     )
     cdm_teacher_level: Literal["independent", "coupled"] = Field(
         "independent", description="CDM's teacher re-noise level sc: an independent draw (the method), or coupled: "
-        "sc = se and, with the gaussian perturbation, the same noise (an ablation; releases before 0.2 did this)."
+        "sc = se and, with the gaussian perturbation, the same noise (an ablation; development versions before 0.2.0 did this)."
     )
     ttur_ratio: int = Field(2, ge=1, description="Fake-teacher updates per student update (k).")
     simulation: Literal["per-iteration", "per-cycle"] = Field(

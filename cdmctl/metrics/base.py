@@ -8,6 +8,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from PIL import Image
 
+from cdmctl.distribution import install_extra
 from cdmctl.errors import UserError
 
 
@@ -29,7 +30,7 @@ class MetricSpec:
 
     name: str
     description: str
-    extra: str  # pip extra that installs its back-end: pip install 'cdmctl[EXTRA]'
+    extra: str  # pip extra that installs its back-end (cdmctl.distribution.install_extra)
     requires: tuple[str, ...]  # importable module names the extra provides
     factory: Callable[..., Any]  # (device: str, **options) -> ImageScorer | SetScorer; imports lazily
     per_image: bool = True
@@ -47,7 +48,7 @@ class MetricSpec:
         if missing:
             raise UserError(
                 f"metric '{self.name}' needs {', '.join(missing)}, which is not installed",
-                f"pip install 'cdmctl[{self.extra}]'",
+                install_extra(self.extra),
             )
 
     def check_weights(self, options: dict[str, Any]) -> None:

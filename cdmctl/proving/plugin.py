@@ -40,7 +40,7 @@ def before_after_report(run) -> str | None:
 def register() -> None:
     """Entry point `cdmctl.plugins: proving` (pyproject.toml)."""
     from cdmctl.backbones import register_builtin
-    from cdmctl.run import register_run_report
+    from cdmctl.plugins import register_run_report
 
     from cdmctl.proving.grounds import GROUNDS
 

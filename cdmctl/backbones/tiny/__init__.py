@@ -1,4 +1,7 @@
-"""Write tiny random-weight pipeline folders of the real diffusers classes, for tests and smoke runs.
+"""Tiny test pipelines: random-weight pipeline folders of the real diffusers classes, and `builtin:` models.
+
+The families' own writers are the modules beside this one (longcat, flux2_klein, qwenimage, zimage; SD3's is
+here), and `toy` is a pure-torch backbone for engine tests.
 
     python -m cdmctl.backbones.tiny FAMILY DIR     # e.g. `zimage runs/tiny-zimage`; families: TINY_WRITERS
 
@@ -239,10 +242,10 @@ BUILTINS: dict[str, Callable[[Path], object]] = {
 # family -> writer(folder) of a tiny random-weight pipeline of that family, or its "module:function" path.
 TINY_WRITERS: dict[str, str | Callable[[Path], object]] = {
     "sd3": write_tiny_sd3,
-    "longcat": "cdmctl.backbones.tiny_longcat:write_tiny_longcat",
-    "flux2-klein": "cdmctl.backbones.tiny_flux2_klein:write_tiny_flux2_klein",
-    "zimage": "cdmctl.backbones.tiny_zimage:write_tiny_zimage",
-    "qwenimage": "cdmctl.backbones.tiny_qwenimage:write_tiny_qwenimage",
+    "longcat": "cdmctl.backbones.tiny.longcat:write_tiny_longcat",
+    "flux2-klein": "cdmctl.backbones.tiny.flux2_klein:write_tiny_flux2_klein",
+    "zimage": "cdmctl.backbones.tiny.zimage:write_tiny_zimage",
+    "qwenimage": "cdmctl.backbones.tiny.qwenimage:write_tiny_qwenimage",
 }
 
 
@@ -343,6 +346,3 @@ def main(argv: list[str] | None = None) -> int:
     print(folder)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

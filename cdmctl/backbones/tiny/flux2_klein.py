@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cdmctl.backbones.tiny_longcat import SPECIAL_TOKENS, qwen_vocab_and_merges
+from cdmctl.backbones.tiny.longcat import SPECIAL_TOKENS, qwen_vocab_and_merges
 
 THINK_TOKENS = ["<think>", "</think>"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cdmctl.backbones.tiny_flux2_klein import tiny_qwen3_tokenizer
+from cdmctl.backbones.tiny.flux2_klein import tiny_qwen3_tokenizer
 
 
 def _tiny_zimage_pipeline():

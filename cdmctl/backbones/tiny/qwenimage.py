@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cdmctl.backbones.tiny_longcat import (
+from cdmctl.backbones.tiny.longcat import (
     SPECIAL_TOKENS,
     qwen_vocab_and_merges,
     tiny_qwen_text_encoder,
