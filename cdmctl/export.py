@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from cdmctl.config.schema import sampler_of
+from cdmctl.config.schema import sampler_of, sampling_of
 from cdmctl.engine.checkpoint import find_checkpoint, load_weights, verify_checkpoint
 from cdmctl.errors import UserError
 from cdmctl.outputs import check_not_file, reporting_disk_full
@@ -48,10 +48,13 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def inference_levels(preset: dict[str, Any]) -> tuple[int, list[float]]:
-    """(recommended steps, unshifted inference schedule) of a resolved preset dict."""
+    """(recommended steps, unshifted inference schedule) of a resolved preset dict: its levels, else its method's
+    level rule for its steps (TBCM: the TrigFlow levels)."""
+    from cdmctl.samplers import unshifted_levels
+
     inference = preset.get("inference") or {}
     steps = int(inference.get("steps") or 4)
-    levels = inference.get("levels") or [1.0 - i / steps for i in range(steps)]
+    levels = inference.get("levels") or unshifted_levels(sampling_of(preset)[1], steps)
     return len(levels), [float(s) for s in levels]
 
 
@@ -159,9 +162,9 @@ def weight_choice(manifest: dict[str, Any], ema: bool) -> str:
 
 
 def match_training_shift(pipe: Any, preset: dict[str, Any]) -> None:
-    """A run trained without the time shift samples without it: give the scheduler shift 1."""
-    schedule = (preset.get("method") or {}).get("schedule") or {}
-    if schedule.get("time_shift", True) is False:
+    """A student that samples without the time shift (inference.time_shift false; by default a CDM run trained
+    without it, and TBCM) gets a scheduler of shift 1, so that plain diffusers samples at its levels as given."""
+    if not sampling_of(preset)[2]:
         config = dict(pipe.scheduler.config)
         config.update(shift=1.0, use_dynamic_shifting=False)
         pipe.scheduler = type(pipe.scheduler).from_config(config)
@@ -320,10 +323,15 @@ def export_info(
 
     preset = manifest.get("preset") or {}
     steps, levels = inference_levels(preset)
-    sampler = sampler_of(preset)
+    sampler, rule, time_shift = sampling_of(preset)
     usage = ("pipe(prompt, sigmas=levels, num_inference_steps=len(levels), **guidance_kwargs, **pipeline_kwargs"
              "[, max_sequence_length=...]); the levels are unshifted: the pipeline's scheduler applies the model's "
-             "time shift to them, as in training")
+             "time shift to them, as in training" if time_shift else
+             "pipe(prompt, sigmas=levels, num_inference_steps=len(levels), **guidance_kwargs, **pipeline_kwargs"
+             "[, max_sequence_length=...]); the scheduler has shift 1: it samples at the levels as given")
+    usage += (f"; other step counts: the '{rule}' levels of cdmctl.samplers.unshifted_levels"
+              + (" (TrigFlow t = [pi/2, 1.0] for 2 steps, linspace(pi/2, 0, n + 1)[:-1] for n; s = sin t / (sin t + "
+                 "cos t))" if rule == "trigflow" else " (1, 1 - 1/n, ..., 1/n)"))
     if sampler == "consistency":
         usage += ("; the scheduler's stochastic_sampling (sCM's consistency sampler) draws its fresh noise from "
                   "torch's global generator, which the pipeline's generator= does not seed: torch.manual_seed(...) first")
@@ -336,6 +344,8 @@ def export_info(
         "revision": manifest.get("revision"),
         "steps": steps,
         "levels": levels,
+        "level_rule": rule,  # the levels of other step counts (cdmctl.samplers.unshifted_levels)
+        "time_shift": time_shift,  # false: the scheduler's shift is 1 (the levels are sampled as given)
         "sampler": sampler,
         "usage": usage,
         "guidance_scale": 1.0,
