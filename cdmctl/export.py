@@ -165,9 +165,9 @@ def match_training_shift(pipe: Any, preset: dict[str, Any]) -> None:
     """A student that samples without the time shift (inference.time_shift false; by default a CDM run trained
     without it, and TBCM) gets a scheduler of shift 1, so that plain diffusers samples at its levels as given."""
     if not sampling_of(preset)[2]:
-        config = dict(pipe.scheduler.config)
-        config.update(shift=1.0, use_dynamic_shifting=False)
-        pipe.scheduler = type(pipe.scheduler).from_config(config)
+        from cdmctl.samplers import build
+
+        pipe.scheduler = build(type(pipe.scheduler), dict(pipe.scheduler.config), 1.0)
 
 
 def match_training_sampler(pipe: Any, preset: dict[str, Any]) -> None:
@@ -181,8 +181,11 @@ def match_training_sampler(pipe: Any, preset: dict[str, Any]) -> None:
         raise UserError(f"the base model's scheduler {type(pipe.scheduler).__name__} has no stochastic_sampling, "
                         "which a TBCM student's consistency sampler needs",
                         "use a base model whose scheduler is FlowMatchEulerDiscreteScheduler")  # fmt: skip
-    config.update(stochastic_sampling=True)
-    pipe.scheduler = type(pipe.scheduler).from_config(config)
+    from cdmctl.samplers import build
+
+    # through `build`: a config that lacks the key (SD3's on the hub) lists it in _use_default_values, and
+    # from_config would quietly drop the setting
+    pipe.scheduler = build(type(pipe.scheduler), {**config, "stochastic_sampling": True}, None)
 
 
 # ----------------------------------------------------------------------------- export

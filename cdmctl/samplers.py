@@ -93,7 +93,8 @@ def build(cls: type, config: dict[str, Any], shift: float | None) -> Any:
     config = {**config, **{k: old for k in SHIFT_KEYS if k in known}}
     if shift is not None:
         config.update({k: float(shift) for k in SHIFT_KEYS if k in known}, use_dynamic_shifting=False)
-    return cls.from_config({k: v for k, v in config.items() if k in known or k.startswith("_")})
+    # every value given explicitly: diffusers drops the keys a config lists in `_use_default_values`, even set ones
+    return cls.from_config({k: v for k, v in config.items() if k in known or k == "_class_name"})
 
 
 def make_scheduler(name: str | None, shift: float | None, base: Any) -> Any:
