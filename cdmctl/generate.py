@@ -382,7 +382,8 @@ def open_model(
     dtype: str | torch.dtype | None = None,
     text_encoders: bool = True,
 ) -> Student:
-    """An exported folder (model_index.json), a LoRA-only export, a run folder (checkpoints/), or a hub id.
+    """An exported folder (model_index.json), a LoRA-only export, a run folder (checkpoints/), a hub id, or a
+    built-in model (`builtin:toy-sd3`).
 
     Defaults: device cuda when available, else cpu; dtype bf16 on cuda, fp32 on cpu. `text_encoders=False` leaves
     an export's text encoders unloaded (`Student.load_text_encoders` loads them later); a run folder's student is
@@ -392,6 +393,10 @@ def open_model(
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch_dtype = parse_dtype(dtype)
+    if str(model).startswith("builtin:"):  # a built-in model (the toy teacher, a tiny pipeline): its cached folder
+        from cdmctl.backbones import resolve_source
+
+        model = resolve_source(str(model))
     path = Path(str(model)).expanduser()
     if path.exists():
         if not path.is_dir():
