@@ -330,6 +330,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--note", default="", help="a paragraph for the report (e.g. how its runs were made)")
     p.add_argument("--teacher-only", action="store_true",
                    help="score only the teacher rows (guidance and training-free samplers); runs come from --reuse")
+    p.add_argument("--no-teacher", action="store_true", help="score only the students (e.g. recipe variants)")
     return p.parse_args(argv)
 
 
@@ -374,10 +375,11 @@ def main(argv: list[str] | None = None) -> dict:
                 for g in dict.fromkeys([1.0, guidance])]  # fmt: skip
         jobs += [{"kind": "free", "sampler": name, "shift": shift, "workdir": str(work / free_name(name, shift)),
                   **common} for name, shift in FREE]  # fmt: skip
-        jobs += [] if args.teacher_only else [{"kind": "run", "variant": v, "seed": seed, "iterations": iterations, "extra": args.extra,
-                  "workdir": str(work / f"{v}-s{seed}"), **common}
-                 for seed in range(max(seeds_of(args, v) for v in args.variants))
-                 for v in args.variants if seed < seeds_of(args, v)]  # seed by seed: a cut-off run has every variant
+        runs = [{"kind": "run", "variant": v, "seed": seed, "iterations": iterations, "extra": args.extra,
+                 "workdir": str(work / f"{v}-s{seed}"), **common}
+                for seed in range(max(seeds_of(args, v) for v in args.variants))
+                for v in args.variants if seed < seeds_of(args, v)]  # seed by seed: a cut-off run has every variant
+        jobs = ([] if args.no_teacher else jobs) + ([] if args.teacher_only else runs)
         if args.variant_first:  # all seeds of the first variant first: the order of --variants is the priority
             jobs = [j for j in jobs if j["kind"] != "run"] + sorted(
                 (j for j in jobs if j["kind"] == "run"), key=lambda j: (args.variants.index(j["variant"]), j["seed"]))
