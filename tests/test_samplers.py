@@ -150,7 +150,7 @@ def test_students_levels_follow_their_method_and_inference_time_shift(toy):
     assert sampling_of(load_preset("demo").model_dump(mode="json")) == ("euler", "uniform", True)
     assert sampling_of(load_preset("demo-tbcm").model_dump(mode="json")) == ("consistency", "trigflow", False)
     assert sampling_of(load_preset("demo", ["inference.time_shift=false"]).model_dump(mode="json"))[2] is False
-    tbcm = evaluate.inference_levels(backbone, 2, teacher.RESOLUTION, "trigflow", time_shift=False)
+    tbcm = evaluate.inference_levels(backbone, 2, teacher.RESOLUTION, time_shift=False, rule="trigflow")
     assert tbcm.tolist() == pytest.approx([1.0, 0.608979], abs=1e-6)
     cdm = evaluate.inference_levels(backbone, 2, teacher.RESOLUTION)
     assert cdm.tolist() == pytest.approx([1.0, 3 / 3.5], abs=1e-6)  # 6 * 0.5 / (1 + 5 * 0.5)

@@ -13,8 +13,8 @@ from cdmctl.engine.trigflow import consistency_sample
 from cdmctl.samplers import unshifted_levels
 
 
-def inference_levels(backbone: Backbone, steps: int, resolution: int, rule: str = "uniform",
-                     time_shift: bool = True) -> torch.Tensor:  # fmt: skip
+def inference_levels(backbone: Backbone, steps: int, resolution: int, time_shift: bool = True,
+                     rule: str = "uniform") -> torch.Tensor:  # fmt: skip
     """The levels [steps] a student samples at, float64: `rule`'s (cdmctl.samplers; "uniform": 1, 1 - 1/n, ...;
     "trigflow": TBCM's) through the backbone's time shift, or without it (`time_shift` False)."""
     unshifted = torch.tensor(unshifted_levels(rule, steps), dtype=torch.float64)
@@ -63,20 +63,20 @@ def sample(
     chunk: int = 1024,
     sampler: str = "euler",
     seed: int = 0,
-    rule: str = "uniform",
     time_shift: bool = True,
+    rule: str = "uniform",
 ) -> torch.Tensor:
     """Final latents [B, C, h, w] from noise [B, ...] with conditioning [B]: `steps` steps, guidance.
 
     guidance 1 is one conditional forward per step (how students sample); otherwise the empty prompt's
     conditioning `null` [1] is batched with it (`guided_velocity`). `sampler`: "euler", or "consistency" (TBCM
     students), whose fresh noise at each step is paired per row like the starting noise; the levels as
-    `inference_levels(rule, time_shift)`.
+    `inference_levels(time_shift, rule)`.
     """
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
-    levels = inference_levels(backbone, steps, resolution, rule, time_shift).to(device)
+    levels = inference_levels(backbone, steps, resolution, time_shift, rule).to(device)
     renoise = paired_renoise(len(noise), steps, noise.shape[1:], seed) if sampler == "consistency" else None
     outs = []
     for start in range(0, len(noise), chunk):
@@ -121,11 +121,11 @@ def sample_scheduled(backbone: Backbone, module: nn.Module, cond: Conditioning, 
 @torch.no_grad()
 def evaluate(backbone: Backbone, module: nn.Module, gt, cond: Conditioning, null: Conditioning, steps: list[int],
              resolution: int, guidance: float = 1.0, per_prompt: int = 32, seed: int = 0,
-             sampler: str = "euler", rule: str = "uniform", time_shift: bool = True, scheduler: str | None = None,
+             sampler: str = "euler", time_shift: bool = True, rule: str = "uniform", scheduler: str | None = None,
              shift: float | None = None) -> dict[int, dict]:  # fmt: skip
     """metric dict per step count: `per_prompt` samples of every prompt, paired noise, against the reference.
 
-    A student's sampler and levels (`sampler`, `rule`, `time_shift`: see `sample`), or with `scheduler` the
+    A student's sampler and levels (`sampler`, `time_shift`, `rule`: see `sample`), or with `scheduler` the
     training-free sampler of that name at time shift `shift` (`sample_scheduled`)."""
     from cdmctl.proving import metrics
 
