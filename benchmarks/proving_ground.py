@@ -5,9 +5,14 @@
 
 Every run is `cdmctl.run.distill` on the `demo` preset (the toy teacher's hyper-parameters; TBCM variants: on
 `demo-tbcm`) with the variant's overrides and its seed; its EMA student is then sampled at 1, 2, 4 and 8 steps
-with its family's sampler (plain Euler; TBCM: sCM's consistency sampler, the same schedule)
-(paired noise: every model sees the same starting noise) and scored by `cdmctl.proving.metrics`. The
-teacher is the reference at the same step counts and at 50 steps, without and with guidance.
+with its family's sampler and levels (plain Euler on the shifted uniform levels; TBCM: sCM's consistency sampler on
+the authors' TrigFlow levels; `inference.time_shift` as the preset says) (paired noise: every model sees the same
+starting noise) and scored by `cdmctl.proving.metrics`. The teacher is the reference at the same step counts and at
+50 steps, without and with guidance, and with every training-free sampler of `FREE` (rows `teacher-<sampler>`,
+diffusers' schedulers through `cdmctl.samplers`); `teacher-best` is, per step count, the free row of best
+precision: the row a student must beat.
+
+    python benchmarks/proving_ground.py --teacher-only --reuse old_runs.jsonl   # new teacher rows, runs kept
 Writes `<out>/proving_ground.{json,md,png}` (the PNG needs matplotlib: the `plot` extra).
 """
 
@@ -73,6 +78,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "tbcm-autograd": ("TBCM, torch.func.jvp instead of the finite difference", ["method.tbcm.jvp=autograd"]),
 }
 BASE_PRESET = {v: "demo-tbcm" for v in VARIANTS if v.startswith("tbcm")}  # every other variant is on `demo`
+# training-free teacher samplers (cdmctl.samplers name, time shift; None: the toy's own, 6), guidance 1
+FREE: list[tuple[str, float | None]] = [("euler", None), ("euler", 1.0), ("dpmpp-2m", 1.0), ("unipc", 1.0),
+                                        ("x0-renoise", 1.0)]
+BEST = "teacher-best"
 METRIC_LABELS = {"precision": "precision (higher is better)", "coverage": "mode coverage (higher is better)",
                  "mmd2": "MMD^2 (lower is better)", "adherence": "prompt adherence (higher is better)"}
 
@@ -101,12 +110,20 @@ def toy_context(per_prompt: int):
     return backbone, gt, backbone.encode_prompts(gt.prompts), backbone.encode_prompts([""])
 
 
+def free_name(sampler: str, shift: float | None) -> str:
+    """teacher-<sampler>, with -shift<k> unless it samples without a shift (k = 1)."""
+    from cdmctl.proving.teacher import SHIFT
+
+    k = SHIFT if shift is None else shift
+    return f"teacher-{sampler}" + ("" if k == 1 else f"-shift{k:g}")
+
+
 def distill_and_score(job: dict) -> dict:
     """One (variant, seed): distill through the real run path, then score the EMA student at every step count."""
     quiet_process(Path(job["workdir"]) / "run.log")
     from cdmctl.backbones import ensure_builtin
     from cdmctl.config import load_preset
-    from cdmctl.config.schema import SAMPLERS
+    from cdmctl.config.schema import sampling_of
     from cdmctl.engine.checkpoint import load_weights
     from cdmctl.proving import evaluate
     from cdmctl.run import distill
@@ -124,9 +141,10 @@ def distill_and_score(job: dict) -> dict:
     seconds = time.perf_counter() - start
     backbone, gt, cond, null = toy_context(job["per_prompt"])
     backbone.transformer.load_state_dict(load_weights(result.checkpoint, "ema" if preset.optim.ema else "student"))
+    sampler, rule, time_shift = sampling_of(preset.model_dump(mode="json"))
     scores = evaluate.evaluate(backbone, backbone.transformer, gt, cond, null, STEPS, preset.model.resolution,
-                               per_prompt=job["per_prompt"], seed=job["eval_seed"],
-                               sampler=SAMPLERS[preset.method.family])  # fmt: skip
+                               per_prompt=job["per_prompt"], seed=job["eval_seed"], sampler=sampler, rule=rule,
+                               time_shift=time_shift)  # fmt: skip
     return {"variant": job["variant"], "seed": job["seed"], "train_seconds": round(seconds, 1),
             "metrics": {str(k): v for k, v in scores.items()}}  # fmt: skip
 
@@ -144,8 +162,23 @@ def score_teacher(job: dict) -> dict:
             "seconds": round(time.perf_counter() - start, 1), "metrics": {str(k): v for k, v in scores.items()}}
 
 
+def score_free(job: dict) -> dict:
+    """The teacher with training-free sampler `job['sampler']` at shift `job['shift']`, guidance 1."""
+    quiet_process(Path(job["workdir"]) / "teacher.log")
+    from cdmctl.proving import evaluate, teacher
+
+    backbone, gt, cond, null = toy_context(job["per_prompt"])
+    start = time.perf_counter()
+    scores = evaluate.evaluate(backbone, backbone.transformer, gt, cond, null, [*STEPS, REFERENCE_STEPS],
+                               teacher.RESOLUTION, 1.0, job["per_prompt"], job["eval_seed"], scheduler=job["sampler"],
+                               shift=job["shift"])  # fmt: skip
+    return {"variant": free_name(job["sampler"], job["shift"]), "sampler": job["sampler"], "shift": job["shift"],
+            "guidance": 1.0, "seconds": round(time.perf_counter() - start, 1),
+            "metrics": {str(k): v for k, v in scores.items()}}  # fmt: skip
+
+
 def run_job(job: dict) -> dict:
-    return score_teacher(job) if job["kind"] == "teacher" else distill_and_score(job)
+    return {"teacher": score_teacher, "free": score_free}.get(job["kind"], distill_and_score)(job)
 
 
 def mean_std(values: list[float]) -> list[float]:
@@ -156,7 +189,7 @@ def mean_std(values: list[float]) -> list[float]:
 
 
 def summarize(runs: list[dict]) -> dict:
-    """variant -> steps -> metric -> [mean, std] over seeds."""
+    """variant -> steps -> metric -> [mean, std] over seeds; plus `teacher-best` when there are free rows."""
     out: dict = {}
     for variant in dict.fromkeys(r["variant"] for r in runs):
         mine = [r for r in runs if r["variant"] == variant]
@@ -164,7 +197,25 @@ def summarize(runs: list[dict]) -> dict:
             steps: {m: mean_std([r["metrics"][steps][m] for r in mine]) for m in mine[0]["metrics"][steps]}
             for steps in mine[0]["metrics"]
         }  # fmt: skip
+    best = best_free(out)
+    if best:
+        out[BEST] = {steps: out[row][steps] for steps, row in best.items()}
     return out
+
+
+def is_free(variant: str) -> bool:
+    """A training-free teacher row (the teacher itself, any sampler or guidance), not the summary row."""
+    return variant.startswith("teacher-") and variant != BEST
+
+
+def best_free(summary: dict) -> dict[str, str]:
+    """steps -> the training-free teacher row of best precision there (ties: lower MMD^2), when any sampler row
+    beside teacher-g* exists."""
+    rows = [k for k in summary if is_free(k)]
+    if not any(not k.startswith("teacher-g") for k in rows):
+        return {}
+    steps = [n for n in summary[rows[0]] if all(n in summary[k] for k in rows)]
+    return {n: max(rows, key=lambda k: (summary[k][n]["precision"][0], -summary[k][n]["mmd2"][0])) for n in steps}
 
 
 def fmt(ms: list[float], metric: str) -> str:
@@ -189,6 +240,15 @@ def markdown(report: dict) -> str:
         *([report["note"], ""] if report.get("note") else []),
     ]
     teacher_rows = [(f"teacher, guidance 1", "teacher-g1"), (f"teacher, guidance {guidance:g}", f"teacher-g{guidance:g}")]
+    teacher_rows += [(f"teacher, {k.removeprefix('teacher-')} (training-free)", k) for k in s
+                     if is_free(k) and not k.startswith("teacher-g")]  # fmt: skip
+    if BEST in s:
+        which = ", ".join(f"{n}: {row.removeprefix('teacher-')}" for n, row in report["teacher_best"].items())
+        teacher_rows.append((f"**best training-free teacher** ({which})", BEST))
+        lines += ["Training-free teacher rows (guidance 1, no training): `teacher-<sampler>` is diffusers' scheduler "
+                  "of that name (`cdmctl.samplers`) at the toy's time shift 6 (`-shift6`) or without a shift; "
+                  "`x0-renoise` is x0 prediction plus fresh noise at the uniform TrigFlow levels (TBCM's sampler). "
+                  f"`{BEST}` is, per step count, the free row of best precision: the bar a student must beat.", ""]
     for metric in ("precision", "coverage", "mmd2", "adherence"):
         lines += [f"## {METRIC_LABELS[metric]}", "",
                   f"noise floor (ground truth vs itself): {fmt(floor[metric], metric)}", "",
@@ -230,11 +290,14 @@ def plot(report: dict, path: Path) -> Path | None:
             style = "-" if key in ("cdm", "cdm-fixed", "ddmd", "dmd2") else ":"
             ax.errorbar(xs, mean, yerr=std, label=VARIANTS[key][0], color=cmap(i % 10), linestyle=style,
                         marker="o", capsize=3)  # fmt: skip
-        for key, color in ((k, c) for k, c in zip(s, ("black", "gray")) if k.startswith("teacher")):
-            ax.plot(xs, [s[key][str(n)][metric][0] for n in STEPS], "--", color=color, marker="s",
-                    label=f"{key} ({len(STEPS)} step counts)")  # fmt: skip
+        for key, color, style in (("teacher-g1", "gray", "--"), (BEST, "black", "-")):
+            if key not in s:
+                continue
+            label = "best training-free teacher" if key == BEST else f"{key} (Euler, shift 6)"
+            ax.plot(xs, [s[key][str(n)][metric][0] for n in STEPS], style, color=color, marker="s",
+                    linewidth=2.5 if key == BEST else 1.5, label=label)  # fmt: skip
             ax.axhline(s[key][str(REFERENCE_STEPS)][metric][0], color=color, linestyle="-.", linewidth=1,
-                       label=f"{key}, {REFERENCE_STEPS} steps")  # fmt: skip
+                       label=f"{label}, {REFERENCE_STEPS} steps")  # fmt: skip
         ax.axhspan(floor[metric][0] - floor[metric][1], floor[metric][0] + floor[metric][1], color="green",
                    alpha=0.15, label="ground-truth noise floor")  # fmt: skip
         ax.set_xticks(xs, [str(n) for n in STEPS])
@@ -267,10 +330,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--from-runs", type=Path, default=None, help="only write the report from a runs.jsonl file")
     p.add_argument("--wall-seconds", type=float, default=0.0, help="with --from-runs: the wall time to report")
     p.add_argument("--note", default="", help="a paragraph for the report (e.g. how its runs were made)")
+    p.add_argument("--teacher-only", action="store_true",
+                   help="score only the teacher rows (guidance and training-free samplers); runs come from --reuse")
+    p.add_argument("--no-teacher", action="store_true", help="score only the students (e.g. recipe variants)")
     return p.parse_args(argv)
 
 
 def job_variant(job: dict) -> str:
+    if job["kind"] == "free":
+        return free_name(job["sampler"], job["shift"])
     return f"teacher-g{job['guidance']:g}" if job["kind"] == "teacher" else job["variant"]
 
 
@@ -307,12 +375,15 @@ def main(argv: list[str] | None = None) -> dict:
         common = {"per_prompt": args.per_prompt, "eval_seed": args.eval_seed}
         jobs = [{"kind": "teacher", "guidance": g, "workdir": str(work / f"teacher-g{g:g}"), **common}
                 for g in dict.fromkeys([1.0, guidance])]  # fmt: skip
-        jobs += [{"kind": "run", "variant": v, "seed": seed, "iterations": iterations, "extra": args.extra,
-                  "workdir": str(work / f"{v}-s{seed}"), **common}
-                 for seed in range(max(seeds_of(args, v) for v in args.variants))
-                 for v in args.variants if seed < seeds_of(args, v)]  # seed by seed: a cut-off run has every variant
+        jobs += [{"kind": "free", "sampler": name, "shift": shift, "workdir": str(work / free_name(name, shift)),
+                  **common} for name, shift in FREE]  # fmt: skip
+        runs = [{"kind": "run", "variant": v, "seed": seed, "iterations": iterations, "extra": args.extra,
+                 "workdir": str(work / f"{v}-s{seed}"), **common}
+                for seed in range(max(seeds_of(args, v) for v in args.variants))
+                for v in args.variants if seed < seeds_of(args, v)]  # seed by seed: a cut-off run has every variant
+        jobs = ([] if args.no_teacher else jobs) + ([] if args.teacher_only else runs)
         if args.variant_first:  # all seeds of the first variant first: the order of --variants is the priority
-            jobs = [j for j in jobs if j["kind"] == "teacher"] + sorted(
+            jobs = [j for j in jobs if j["kind"] != "run"] + sorted(
                 (j for j in jobs if j["kind"] == "run"), key=lambda j: (args.variants.index(j["variant"]), j["seed"]))
         results = reused(args.reuse)
         done = {(r["variant"], r.get("seed")) for r in results}
@@ -340,6 +411,7 @@ def write_report(args, argv, results, iterations, demo, guidance, seconds) -> di
     gt = GroundTruth()
     floor = metrics.noise_floor(gt, args.per_prompt)
     order = {f"teacher-g{g:g}": i for i, g in enumerate(dict.fromkeys([1.0, guidance]))}
+    order.update({free_name(name, shift): len(order) + i for i, (name, shift) in enumerate(FREE)})
     order.update({v: len(order) + i for i, v in enumerate(VARIANTS)})
     results.sort(key=lambda r: (order[r["variant"]], r.get("seed", 0)))
     report = {
@@ -349,6 +421,7 @@ def write_report(args, argv, results, iterations, demo, guidance, seconds) -> di
         "settings": {"variants": args.variants, "seeds": args.seeds, "seeds_of": args.seeds_of, "iterations": iterations,
                      "batch_size": demo.train.batch_size, "per_prompt": args.per_prompt, "eval_seed": args.eval_seed,
                      "jobs": args.jobs, "guidance": guidance, "distill_guidance": demo.method.guidance,
+                     "free_samplers": [{"row": free_name(n, k), "sampler": n, "shift": k} for n, k in FREE],
                      "extra_overrides": args.extra,
                      "overrides": {v: VARIANTS[v][1] for v in args.variants}},  # fmt: skip
         "note": args.note,
@@ -356,6 +429,7 @@ def write_report(args, argv, results, iterations, demo, guidance, seconds) -> di
         "tau": metrics.default_tau(gt),
         "noise_floor": {k: list(v) for k, v in floor.items()},
         "summary": summarize(results),
+        "teacher_best": best_free(summarize(results)),  # steps -> the free row `teacher-best` copies there
         "runs": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)

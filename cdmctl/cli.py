@@ -38,6 +38,9 @@ console = Console()
 err_console = Console(stderr=True)
 EXIT_USAGE = 2  # a usage error or a UserError (click's code for usage errors)
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a shell reports a killed job
+SCHEDULER_HELP = ("Training-free sampler, a diffusers scheduler by name: euler, dpmpp-2m (DPM-Solver++ 2M), unipc, "
+                  "x0-renoise (x0 + fresh noise at TrigFlow levels); docs/baselines.md.")
+SHIFT_HELP = "Static time shift of the sampling levels (1 = none; default: the model's own)."
 
 
 # Not typer's no_args_is_help: what that does differs between typer/click versions (help on stdout and exit 0
@@ -187,14 +190,21 @@ def generate(
     teacher_guidance: Annotated[
         Optional[float], typer.Option(help="Teacher guidance scale (default: its pipeline's own, SD3 7).")
     ] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help=SCHEDULER_HELP + " With --compare-teacher: the teacher's "
+                                                     "sampler (default: its pipeline's own).")] = None,
+    shift: Annotated[Optional[float], typer.Option(help=SHIFT_HELP + " With --compare-teacher: the teacher's.")] = None,
 ) -> None:
     """Sample a few-step student: PNGs with their settings in the metadata, plus a contact sheet."""
     from cdmctl.generate import check_device, check_steps, expand, parse_sigmas
     from cdmctl.generate import generate as run_generate
     from cdmctl.outputs import check_not_file
     from cdmctl.prompts import load_prompts
+    from cdmctl.samplers import check_sampler, check_shift
 
     check_not_file(out)
+    check_sampler(scheduler), check_shift(shift)
+    if (scheduler is not None or shift is not None) and not compare_teacher:
+        raise UserError("--scheduler and --shift choose the teacher's sampler", "add --compare-teacher")
 
     texts = list(prompt or []) + (load_prompts(prompts) if prompts else [])
     expand(texts, seed, num_images)  # no prompts, bad --num-images: refused before any library loads
@@ -206,7 +216,7 @@ def generate(
             texts, model=model, out=out, checkpoint=checkpoint, ema=ema, steps=steps, sigmas=levels,
             seed=seed, num_images=num_images, batch_size=batch_size, height=height, width=width, device=device,
             dtype=dtype, compare_teacher=compare_teacher, teacher=teacher, teacher_steps=teacher_steps,
-            teacher_guidance=teacher_guidance,
+            teacher_guidance=teacher_guidance, teacher_scheduler=scheduler, teacher_shift=shift,
         )  # fmt: skip
     console.print(f"[bold green]wrote[/] {len(result.images)} images to {escape(str(out))}", soft_wrap=True,
                   highlight=False)  # fmt: skip
@@ -245,12 +255,15 @@ def eval_(
     cache_embeddings: Annotated[bool, typer.Option("--cache-embeddings/--no-cache-embeddings", help="Sample from the on-disk prompt-embedding cache (encoded once per text encoder and prompt set; the text encoders are freed) instead of encoding prompts per batch.")] = True,
     embedding_cache: Annotated[Optional[str], typer.Option(help="Embedding cache folder (default $CDMCTL_CACHE/embeddings, as distill's).")] = None,
     compare: Annotated[Optional[list[str]], typer.Option("--compare", help="Only print one table over these result folders.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help=SCHEDULER_HELP + " Replaces each model's own sampler (e.g. a teacher's training-free baseline).")] = None,
+    shift: Annotated[Optional[float], typer.Option(help=SHIFT_HELP)] = None,
 ) -> None:
     """Generate images for a prompt set and score them (PickScore, HPS, FID, ...); or compare result folders."""
     refuse_metric_option_as_out(out)
     from cdmctl import evaluate as ev
     from cdmctl.generate import check_device, check_steps, parse_sigmas
     from cdmctl.outputs import check_not_file
+    from cdmctl.samplers import check_levels_fit, check_sampler, check_shift
 
     extra = list(ctx.args)  # `--metrics a b` / `--compare A B`: click passes the values after the first as extras
     if compare:
@@ -268,6 +281,7 @@ def eval_(
     if ev.check_phase(phase) != "generate":
         ev.prepare_metrics(names, options)  # unknown metrics fail before any library loads (run_eval checks again)
     levels, steps, device = parse_sigmas(sigmas), check_steps(steps), check_device(device)
+    check_sampler(scheduler), check_shift(shift), check_levels_fit(scheduler, levels)
     _quiet_libraries()
     with interrupt_line(f"the images and scores finished so far are kept in {out}; run the same command again to "
                         "continue from there"):  # fmt: skip
@@ -277,7 +291,7 @@ def eval_(
             num_per_prompt=num_per_prompt, batch_size=batch_size,
             score_batch_size=score_batch_size, height=height, width=width, checkpoint=checkpoint, ema=ema,
             device=device, dtype=dtype, rescore=rescore,
-            embeddings=ev.EmbeddingSettings(cache_embeddings, embedding_cache),
+            embeddings=ev.EmbeddingSettings(cache_embeddings, embedding_cache), scheduler=scheduler, shift=shift,
             note=lambda line: console.print(line, highlight=False, markup=False),
         )  # fmt: skip
     if rows:

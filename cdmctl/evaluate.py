@@ -217,11 +217,13 @@ def use_embedding_cache(student: Any, prompts: Sequence[str], settings: Embeddin
 def _student_sampler(model: str, out: Path, prompts: Sequence[str], *, steps: int | None, sigmas: list[float] | None,
                      height: int | None, width: int | None, batch_size: int, checkpoint: str | int, ema: bool,
                      device: str | None, dtype: str | None, embeddings: EmbeddingSettings, ranks: Any,
-                     note: Callable[[str], None] | None) -> Sampler:  # fmt: skip
+                     note: Callable[[str], None] | None, scheduler: str | None = None,
+                     shift: float | None = None) -> Sampler:  # fmt: skip
     from cdmctl.generate import open_model
 
     student = open_model(model, checkpoint=checkpoint, ema=ema, device=device, dtype=dtype,
                          text_encoders=not embeddings.enabled)  # fmt: skip
+    student.use_sampler(scheduler, shift)
     _write_atomic(out / STUDENT, json.dumps(student.describe(steps, sigmas), indent=2, default=str) + "\n")
     line = use_embedding_cache(student, prompts, embeddings, ranks, batch_size)
     if line and note is not None and ranks.rank == 0:
@@ -266,9 +268,12 @@ def run_generate(
     progress: Progress | None = None,
     embeddings: EmbeddingSettings = EmbeddingSettings(),
     note: Callable[[str], None] | None = None,
+    scheduler: str | None = None,
+    shift: float | None = None,
 ) -> GenerateResult:
     """Generate this rank's missing images into `out`; `sampler(prompts, seeds)` defaults to the student, which
-    samples from the embedding cache unless `embeddings` says not to."""
+    samples from the embedding cache unless `embeddings` says not to; `scheduler` and `shift` replace its sampler
+    (`Student.use_sampler`)."""
     from cdmctl.prompt_sets import prompts_digest
 
     if num_per_prompt < 1 or batch_size < 1:
@@ -280,6 +285,8 @@ def run_generate(
         "model": str(model), "checkpoint": str(checkpoint), "ema": bool(ema), "steps": steps, "sigmas": sigmas,
         "seed": int(seed), "num_per_prompt": int(num_per_prompt), "height": height, "width": width,
         "prompts": prompt_source, "n_prompts": len(prompts), "prompts_sha256": prompts_digest(list(prompts)),
+        # only when chosen: folders made before these options existed still resume
+        **({"scheduler": scheduler} if scheduler is not None else {}), **({"shift": shift} if shift is not None else {}),
     }  # fmt: skip
     _check_settings(out, settings)
     done = {row["image"] for row in read_manifest(out)}
@@ -295,7 +302,8 @@ def run_generate(
     if sampler is None:
         sampler = _student_sampler(model, out, prompts, steps=steps, sigmas=sigmas, height=height, width=width,
                                    batch_size=batch_size, checkpoint=checkpoint, ema=ema, device=device, dtype=dtype,
-                                   embeddings=embeddings, ranks=ranks or Ranks(rank, world_size), note=note)  # fmt: skip
+                                   embeddings=embeddings, ranks=ranks or Ranks(rank, world_size), note=note,
+                                   scheduler=scheduler, shift=shift)  # fmt: skip
     if not jobs:
         return result
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
@@ -702,6 +710,8 @@ def run_eval(
     progress: Progress | None = None,
     embeddings: EmbeddingSettings = EmbeddingSettings(),
     note: Callable[[str], None] | None = None,
+    scheduler: str | None = None,
+    shift: float | None = None,
 ) -> list[dict[str, Any]]:
     """Generate and/or score every model; returns compare() rows (empty on ranks > 0 and for --phase generate).
 
@@ -727,7 +737,7 @@ def run_eval(
                     batch_size=batch_size, height=height, width=width, rank=rank, world_size=world_size,
                     checkpoint=checkpoint, ema=ema, device=device, dtype=dtype, prompt_source=prompts,
                     sampler=sampler_factory(model) if sampler_factory else None, progress=progress,
-                    embeddings=embeddings, note=note,
+                    embeddings=embeddings, note=note, scheduler=scheduler, shift=shift,
                 )  # fmt: skip
             if world_size > 1:
                 _barrier()

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cdmctl.config.schema import sampler_of
+from cdmctl.config.schema import sampler_of, sampling_of
 from cdmctl.engine.checkpoint import find_checkpoint, load_weights, verify_checkpoint
 from cdmctl.errors import UserError
 from cdmctl.outputs import check_not_file, reporting_disk_full
@@ -168,10 +168,15 @@ def export_info(
 
     preset = manifest.get("preset") or {}
     steps, levels = inference_levels(preset)
-    sampler = sampler_of(preset)
+    sampler, rule, time_shift = sampling_of(preset)
     usage = ("pipe(prompt, sigmas=levels, num_inference_steps=len(levels), **guidance_kwargs, **pipeline_kwargs"
              "[, max_sequence_length=...]); the levels are unshifted: the pipeline's scheduler applies the model's "
-             "time shift to them, as in training")
+             "time shift to them, as in training" if time_shift else
+             "pipe(prompt, sigmas=levels, num_inference_steps=len(levels), **guidance_kwargs, **pipeline_kwargs"
+             "[, max_sequence_length=...]); the scheduler has shift 1: it samples at the levels as given")
+    usage += (f"; other step counts: the '{rule}' levels of cdmctl.samplers.unshifted_levels"
+              + (" (TrigFlow t = [pi/2, 1.0] for 2 steps, linspace(pi/2, 0, n + 1)[:-1] for n; s = sin t / (sin t + "
+                 "cos t))" if rule == "trigflow" else " (1, 1 - 1/n, ..., 1/n)"))
     if sampler == "consistency":
         usage += ("; the scheduler's stochastic_sampling (sCM's consistency sampler) draws its fresh noise from "
                   "torch's global generator, which the pipeline's generator= does not seed: torch.manual_seed(...) first")
@@ -184,6 +189,8 @@ def export_info(
         "revision": manifest.get("revision"),
         "steps": steps,
         "levels": levels,
+        "level_rule": rule,  # the levels of other step counts (cdmctl.samplers.unshifted_levels)
+        "time_shift": time_shift,  # false: the scheduler's shift is 1 (the levels are sampled as given)
         "sampler": sampler,
         "usage": usage,
         "guidance_scale": 1.0,

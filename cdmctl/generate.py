@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from cdmctl.backbones.loading import dtype_kwarg
+from cdmctl.config.schema import sampling_of
 from cdmctl.errors import UserError
 from cdmctl.outputs import reporting_disk_full
 from cdmctl.studentload import INFO_FILE, inference_levels, parse_dtype, read_info
@@ -32,7 +33,8 @@ class Student:
     """A loaded few-step student: its diffusers pipeline and how it should be sampled.
 
     `levels` is the recommended inference schedule in the *unshifted* space (as in training);
-    the pipeline's scheduler applies the backbone's own time shift to whatever it is given.
+    the pipeline's scheduler applies its time shift to whatever it is given (shift 1 for a student sampled without
+    it). Other step counts get `level_rule`'s levels (cdmctl.samplers: "uniform", or TBCM's "trigflow").
     """
 
     pipe: Any
@@ -50,6 +52,8 @@ class Student:
     text_revision: str | None = None
     # prompts -> their cached Conditioning, when the student samples from an embedding cache (see use_embeddings)
     embeddings: Callable[[list[str]], Any] | None = None
+    level_rule: str = "uniform"
+    scheduler_name: str | None = None  # a training-free sampler chosen with --scheduler (cdmctl.samplers), if any
 
     @property
     def device(self) -> torch.device:
@@ -61,8 +65,23 @@ class Student:
 
     @property
     def sampler(self) -> str:
-        """'consistency' (a TBCM student: the scheduler's stochastic_sampling) or 'euler'."""
+        """The --scheduler chosen, else 'consistency' (a TBCM student: the scheduler's stochastic_sampling) or
+        'euler'."""
+        if self.scheduler_name is not None:
+            return self.scheduler_name
         return "consistency" if self.pipe.scheduler.config.get("stochastic_sampling") else "euler"
+
+    def use_sampler(self, name: str | None = None, shift: float | None = None) -> None:
+        """Sample with training-free sampler `name` (cdmctl.samplers: diffusers' scheduler of that name on this
+        model's scheduler config) and/or static time shift `shift` (None: the model's own) from now on; its levels
+        replace the recommended ones."""
+        from cdmctl.samplers import SAMPLERS, make_scheduler
+
+        if name is None and shift is None:
+            return
+        self.pipe.scheduler = make_scheduler(name, shift, self.pipe.scheduler)
+        if name is not None:
+            self.scheduler_name, self.level_rule, self.levels = name, SAMPLERS[name].levels, None
 
     def schedule(self, steps: int | None = None, sigmas: Sequence[float] | None = None) -> list[float]:
         """The unshifted levels to sample with: `sigmas` as given, else the recommended schedule when
@@ -77,7 +96,9 @@ class Student:
             raise UserError(f"--steps must be at least 1, got {steps}", "use e.g. --steps 4")
         if self.levels and steps == len(self.levels):
             return list(self.levels)
-        return [1.0 - i / steps for i in range(steps)]
+        from cdmctl.samplers import unshifted_levels
+
+        return unshifted_levels(self.level_rule, steps)
 
     def shifted(self, levels: Sequence[float], size: tuple[int, int] | None = None) -> list[float] | None:
         """The levels after the scheduler's time shift at this image size (what the transformer sees), set as the
@@ -90,9 +111,10 @@ class Student:
             return None  # depends on the image size in a way only the pipeline knows
         else:
             extra = {}
+        from cdmctl.samplers import scheduler_sigmas
+
         scheduler = type(self.pipe.scheduler).from_config(config)
-        scheduler.set_timesteps(sigmas=list(levels), device="cpu", **extra)
-        return [round(float(s), 6) for s in scheduler.sigmas[:-1]]
+        return [round(s, 6) for s in scheduler_sigmas(scheduler, list(levels), **extra)]
 
     def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """(height, width): given, else the training resolution, else the pipeline's default."""
@@ -116,7 +138,9 @@ class Student:
             "steps": len(levels),
             "schedule": levels,
             "sigmas": self.shifted(levels),
-            "shift": "dynamic" if config.get("use_dynamic_shifting") else float(config.get("shift", 1.0)),
+            "shift": "dynamic" if config.get("use_dynamic_shifting") else float(config.get("shift",
+                                                                                       config.get("flow_shift", 1.0))),
+            "level_rule": self.level_rule,
             "sampler": self.sampler,
             "guidance_scale": 1.0,
             "max_sequence_length": self.max_sequence_length,
@@ -146,10 +170,21 @@ class Student:
         """
         levels = self.schedule(steps, sigmas)
         # the step count too: a pipeline may compute its shift from it (Flux.2) even when given the sigmas
-        settings = {"sigmas": levels, "num_inference_steps": len(levels), **self.guidance_kwargs(1.0),
+        settings = {**self.timestep_kwargs(levels, sigmas is not None), **self.guidance_kwargs(1.0),
                     **self.call_kwargs()}  # fmt: skip
         return run_pipeline(self.pipe, prompts, seeds, settings, self.image_size(height, width), batch_size, progress,
                             self.prompt_kwargs)  # fmt: skip
+
+    def timestep_kwargs(self, levels: list[float], given: bool = False) -> dict[str, Any]:
+        """The pipeline's schedule arguments for `levels`: the levels, or only their count for a scheduler that
+        spaces its own (DPM-Solver++), which refuses levels the user gave (`given`)."""
+        from cdmctl.samplers import timestep_kwargs
+
+        kwargs = timestep_kwargs(self.pipe.scheduler, levels)
+        if given and "sigmas" not in kwargs:
+            raise UserError(f"--sigmas does not fit --scheduler {self.sampler}, which spaces its own levels",
+                            "give --steps instead")  # fmt: skip
+        return kwargs
 
     def prompt_kwargs(self, prompts: list[str]) -> dict[str, Any]:
         """How one pipeline call gets its prompts: as strings, or as their cached embeddings."""
@@ -348,7 +383,8 @@ def open_model(
     dtype: str | torch.dtype | None = None,
     text_encoders: bool = True,
 ) -> Student:
-    """An exported folder (model_index.json), a LoRA-only export, a run folder (checkpoints/), or a hub id.
+    """An exported folder (model_index.json), a LoRA-only export, a run folder (checkpoints/), a hub id, or a
+    built-in model (`builtin:toy-sd3`).
 
     Defaults: device cuda when available, else cpu; dtype bf16 on cuda, fp32 on cpu. `text_encoders=False` leaves
     an export's text encoders unloaded (`Student.load_text_encoders` loads them later); a run folder's student is
@@ -358,6 +394,10 @@ def open_model(
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch_dtype = parse_dtype(dtype)
+    if str(model).startswith("builtin:"):  # a built-in model (the toy teacher, a tiny pipeline): its cached folder
+        from cdmctl.backbones import resolve_source
+
+        model = resolve_source(str(model))
     path = Path(str(model)).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -386,6 +426,7 @@ def _student(pipe: Any, model: str, info: dict[str, Any], text_source: str, text
     from cdmctl.backbones import adapter_for_pipeline
 
     steps, levels = info.get("steps") or DEFAULT_STEPS, info.get("levels")
+    rule = info.get("level_rule") or "uniform"  # exports made before it existed sample at uniform levels
     if levels and len(levels) != steps:
         levels = None
     adapter = adapter_for_pipeline(type(pipe).__name__)
@@ -395,6 +436,7 @@ def _student(pipe: Any, model: str, info: dict[str, Any], text_source: str, text
         pipe=pipe, model=model, steps=int(steps), levels=levels, resolution=info.get("resolution"),
         max_sequence_length=info.get("max_sequence_length"), base_model=info.get("base_model"),
         revision=info.get("revision"), info=info, adapter=adapter, text_source=text_source, text_revision=text_revision,
+        level_rule=rule,
     )  # fmt: skip
 
 
@@ -456,7 +498,8 @@ def _from_run(run_dir: Path, checkpoint: str | int, ema: bool, dtype: torch.dtyp
     preset = manifest.get("preset") or {}
     steps, levels = inference_levels(preset)
     info = {
-        "steps": steps, "levels": levels, "resolution": (preset.get("model") or {}).get("resolution"),
+        "steps": steps, "levels": levels, "level_rule": sampling_of(preset)[1],
+        "resolution": (preset.get("model") or {}).get("resolution"),
         "max_sequence_length": (preset.get("model") or {}).get("text_length"),
         "base_model": manifest.get("base_model"), "revision": manifest.get("revision"),
     }  # fmt: skip
@@ -496,11 +539,15 @@ def sample_teacher(
     width: int | None = None,
     batch_size: int = 4,
     progress: Callable[[int], None] | None = None,
+    scheduler: str | None = None,
+    shift: float | None = None,
 ) -> list[Any]:
     """The base model's images for the same prompts and seeds (its own schedule, `steps`, `guidance`; by default
     its family's own settings, e.g. 28 steps at guidance 7 for SD3).
 
-    Only the teacher's transformer is loaded; the text encoders, VAE and scheduler are the student's.
+    Only the teacher's transformer is loaded; the text encoders, VAE and scheduler config are the student's.
+    `scheduler` names a training-free sampler (cdmctl.samplers: diffusers' scheduler class, its levels) and `shift`
+    a static time shift (None: the model's own) instead of the pipeline's default sampler.
     """
     source = teacher or student.base_model
     if not source:
@@ -517,17 +564,28 @@ def sample_teacher(
         )
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot load the teacher's transformer from {source}: {exc}", "check --teacher") from exc
-    components = {**pipe.components, "transformer": transformer.to(student.device),
-                  "scheduler": deterministic_scheduler(pipe.scheduler)}  # fmt: skip
+    from cdmctl.samplers import make_scheduler, sampler_levels, timestep_kwargs
+
+    base = deterministic_scheduler(pipe.scheduler)
+    sampler = make_scheduler(scheduler, shift, base) if scheduler is not None or shift is not None else base
+    components = {**pipe.components, "transformer": transformer.to(student.device), "scheduler": sampler}
     teacher_pipe = type(pipe)(**components)
     # Same prompt encoding as the student (and as the teacher saw in training).
     defaults = student.teacher_defaults()
+    n = int(defaults["num_inference_steps"] if steps is None else steps)
     settings = {
-        "num_inference_steps": int(defaults["num_inference_steps"] if steps is None else steps),
+        **(timestep_kwargs(sampler, sampler_levels(scheduler, n)) if scheduler else {"num_inference_steps": n}),
         **student.guidance_kwargs(defaults["guidance_scale"] if guidance is None else guidance),
         **student.call_kwargs(),
     }
-    return run_pipeline(teacher_pipe, prompts, seeds, settings, student.image_size(height, width), batch_size, progress)
+    try:
+        return run_pipeline(teacher_pipe, prompts, seeds, settings, student.image_size(height, width), batch_size,
+                            progress)  # fmt: skip
+    except ValueError as exc:  # a pipeline that passes its own levels to a scheduler that spaces its own
+        if scheduler is None or "sigmas" not in str(exc):
+            raise
+        raise UserError(f"--scheduler {scheduler} does not fit {type(pipe).__name__}: {exc}",
+                        "use --scheduler euler or unipc") from exc  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- writing
@@ -631,6 +689,8 @@ def generate(
     teacher: str | None = None,
     teacher_steps: int | None = None,
     teacher_guidance: float | None = None,
+    teacher_scheduler: str | None = None,
+    teacher_shift: float | None = None,
     progress: bool = True,
 ) -> GenerateResult:
     """`cdmctl generate`: sample the student, write PNGs + grid (+ teacher images and a comparison sheet)."""
@@ -653,13 +713,15 @@ def generate(
         with _progress(progress, len(all_prompts), "teacher") as advance:
             teacher_images = sample_teacher(
                 student, all_prompts, seeds, teacher=teacher, steps=teacher_steps, guidance=teacher_guidance,
-                height=size[0], width=size[1], batch_size=batch_size, progress=advance,
+                height=size[0], width=size[1], batch_size=batch_size, progress=advance, scheduler=teacher_scheduler,
+                shift=teacher_shift,
             )  # fmt: skip
         defaults = student.teacher_defaults()
         teacher_settings = {
             "model": teacher or student.base_model, "steps": teacher_steps or defaults["num_inference_steps"],
             "guidance_scale": defaults["guidance_scale"] if teacher_guidance is None else teacher_guidance,
-            "height": size[0], "width": size[1], "sampler": "pipeline default", "generator": "cdmctl",
+            "height": size[0], "width": size[1], "sampler": teacher_scheduler or "pipeline default",
+            "shift": "model default" if teacher_shift is None else teacher_shift, "generator": "cdmctl",
             **student.call_kwargs(),
         }  # fmt: skip
         write_images(teacher_images, all_prompts, seeds, teacher_settings, out / "teacher")

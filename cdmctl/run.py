@@ -15,7 +15,7 @@ from torch import nn
 
 from cdmctl.backbones import load_backbone, resolve_source
 from cdmctl.backbones.base import Backbone, Conditioning
-from cdmctl.config.schema import SAMPLERS, Preset
+from cdmctl.config.schema import Preset, sampling_of
 from cdmctl.engine import checkpoint as ckpt
 from cdmctl.engine.ema import StudentEMA
 from cdmctl.engine.loop import Distiller, Schedule, train
@@ -174,9 +174,11 @@ class SampleGrid:
         self.cond = backbone.encode_prompts(prompts).to(device)
         gens = [generator(preset.data.sample_seed, i) for i in range(len(prompts))]
         self.noise = torch.stack([torch.randn(latent, generator=g) for g in gens]).to(device)
-        levels = torch.tensor(preset.inference.schedule(), dtype=torch.float32)
-        self.levels = backbone.shift(levels, preset.model.resolution, preset.model.resolution).to(device)
-        self.sampler = SAMPLERS[preset.method.family]
+        self.sampler, rule, time_shift = sampling_of(preset.model_dump(mode="json"))
+        levels = torch.tensor(preset.inference.schedule(rule), dtype=torch.float32)
+        if time_shift:
+            levels = backbone.shift(levels, preset.model.resolution, preset.model.resolution)
+        self.levels = levels.to(device)
         # the consistency sampler's fresh noise at each step, fixed like the starting noise
         steps = len(self.levels) - 1
         self.renoise = torch.stack([torch.randn((steps, *latent), generator=generator(preset.data.sample_seed, i, "renoise"))
@@ -185,7 +187,7 @@ class SampleGrid:
     @torch.no_grad()
     def images(self, module: nn.Module, autocast) -> torch.Tensor:
         """[P, 3, H, W] in [0, 1]: the family's sampler (Euler, or sCM's consistency sampler) with guidance 1 on the
-        shifted inference schedule."""
+        inference schedule (through the time shift unless inference.time_shift is false)."""
         was_training = module.training
         module.eval()
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cdmctl.config.schema import sampler_of
+from cdmctl.config.schema import sampler_of, sampling_of
 from cdmctl.engine.checkpoint import load_weights, verify_checkpoint
 from cdmctl.errors import UserError
 
@@ -39,10 +39,13 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def inference_levels(preset: dict[str, Any]) -> tuple[int, list[float]]:
-    """(recommended steps, unshifted inference schedule) of a resolved preset dict."""
+    """(recommended steps, unshifted inference schedule) of a resolved preset dict: its levels, else its method's
+    level rule for its steps (TBCM: the TrigFlow levels)."""
+    from cdmctl.samplers import unshifted_levels
+
     inference = preset.get("inference") or {}
     steps = int(inference.get("steps") or 4)
-    levels = inference.get("levels") or [1.0 - i / steps for i in range(steps)]
+    levels = inference.get("levels") or unshifted_levels(sampling_of(preset)[1], steps)
     return len(levels), [float(s) for s in levels]
 
 
@@ -150,12 +153,12 @@ def weight_choice(manifest: dict[str, Any], ema: bool) -> str:
 
 
 def match_training_shift(pipe: Any, preset: dict[str, Any]) -> None:
-    """A run trained without the time shift samples without it: give the scheduler shift 1."""
-    schedule = (preset.get("method") or {}).get("schedule") or {}
-    if schedule.get("time_shift", True) is False:
-        config = dict(pipe.scheduler.config)
-        config.update(shift=1.0, use_dynamic_shifting=False)
-        pipe.scheduler = type(pipe.scheduler).from_config(config)
+    """A student that samples without the time shift (inference.time_shift false; by default a CDM run trained
+    without it, and TBCM) gets a scheduler of shift 1, so that plain diffusers samples at its levels as given."""
+    if not sampling_of(preset)[2]:
+        from cdmctl.samplers import build
+
+        pipe.scheduler = build(type(pipe.scheduler), dict(pipe.scheduler.config), 1.0)
 
 
 def match_training_sampler(pipe: Any, preset: dict[str, Any]) -> None:
@@ -169,8 +172,11 @@ def match_training_sampler(pipe: Any, preset: dict[str, Any]) -> None:
         raise UserError(f"the base model's scheduler {type(pipe.scheduler).__name__} has no stochastic_sampling, "
                         "which a TBCM student's consistency sampler needs",
                         "use a base model whose scheduler is FlowMatchEulerDiscreteScheduler")  # fmt: skip
-    config.update(stochastic_sampling=True)
-    pipe.scheduler = type(pipe.scheduler).from_config(config)
+    from cdmctl.samplers import build
+
+    # through `build`: a config that lacks the key (SD3's on the hub) lists it in _use_default_values, and
+    # from_config would quietly drop the setting
+    pipe.scheduler = build(type(pipe.scheduler), {**config, "stochastic_sampling": True}, None)
 
 
 def read_info(folder: str | Path) -> dict[str, Any]:

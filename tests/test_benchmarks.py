@@ -54,3 +54,21 @@ def test_scale_memory_measures_one_cycle_of_the_engine_on_a_small_model():
     result = run_benchmark("benchmarks/scale_memory.py", "--measure", "--size", "small", "--batch", "2")
     row = __import__("json").loads(result.stdout.strip().splitlines()[-1])
     assert row["model"] == "sd3-small" and row["host_peak_gib"] > 0
+
+
+def test_proving_ground_teacher_best_is_the_best_free_row_at_each_step_count():
+    import proving_ground as pg
+
+    def row(variant, by_steps, seed=None):
+        metrics = {n: {"precision": p, "coverage": 0.5, "mmd2": m, "adherence": 1.0} for n, (p, m) in by_steps.items()}
+        return {"variant": variant, "seed": seed, "metrics": metrics}
+
+    runs = [row("teacher-g1", {"2": (0.0, 0.29), "4": (0.22, 0.20)}),
+            row("teacher-euler", {"2": (0.48, 0.115), "4": (0.78, 0.026)}),
+            row("teacher-unipc", {"2": (0.48, 0.110), "4": (0.81, 0.018)}),  # a tie at 2 steps: lower MMD^2 wins
+            row("cdm", {"2": (0.90, 0.01), "4": (0.95, 0.01)}, seed=0)]  # a student is never a baseline
+    summary = pg.summarize(runs)
+    assert pg.best_free(summary) == {"2": "teacher-unipc", "4": "teacher-unipc"}
+    assert summary["teacher-best"]["4"]["precision"] == [0.81, 0.0]
+    assert pg.free_name("euler", None) == "teacher-euler-shift6" and pg.free_name("unipc", 1.0) == "teacher-unipc"
+    assert "teacher-best" not in pg.summarize(runs[:1] + runs[3:])  # no sampler rows: no best row

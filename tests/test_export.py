@@ -249,9 +249,64 @@ def test_a_run_trained_without_time_shift_exports_a_scheduler_without_it(tiny_sd
     state = load_backbone("sd3", str(tiny_sd3_dir)).transformer.state_dict()
     preset = make_preset(tiny_sd3_dir)
     preset["method"]["schedule"]["time_shift"] = False
+    del preset["inference"]["time_shift"]  # a checkpoint written before inference.time_shift: its training decides
     manifest = {"student_step": 1, "backbone": "sd3", "base_model": str(tiny_sd3_dir), "train": "full",
                 "preset": preset}  # fmt: skip
     write_checkpoint(run, 2, manifest, {"student": state})
     out = export_run(run, tmp_path / "out", ema=False)
     assert DiffusionPipeline.from_pretrained(out).scheduler.config.shift == 1.0
     assert os.listdir(tmp_path) and leftovers(tmp_path) == []
+
+
+def export_with(tmp_path: Path, base: Path, preset: dict) -> Path:
+    """Export a one-checkpoint run of the base's own weights trained with resolved `preset`."""
+    run = tmp_path / "run"
+    state = load_backbone("sd3", str(base)).transformer.state_dict()
+    manifest = {"student_step": 1, "backbone": "sd3", "base_model": str(base), "train": "full", "preset": preset}
+    write_checkpoint(run, 2, manifest, {"student": state})
+    return export_run(run, tmp_path / "out", ema=False)
+
+
+def exported_sigmas(out: Path, steps: int | None = None) -> list[float]:
+    """The levels plain diffusers steps through with the export's scheduler and cdmctl.json's levels (or the
+    level rule's for another step count)."""
+    from diffusers import DiffusionPipeline
+
+    from cdmctl.samplers import scheduler_sigmas, unshifted_levels
+
+    info = json.loads((out / INFO_FILE).read_text())
+    levels = info["levels"] if steps is None else unshifted_levels(info["level_rule"], steps)
+    return scheduler_sigmas(DiffusionPipeline.from_pretrained(out).scheduler, levels)
+
+
+def test_inference_time_shift_false_exports_a_scheduler_that_samples_the_levels_as_given(tiny_sd3_dir, tmp_path):
+    preset = make_preset(tiny_sd3_dir, steps=4, time_shift=False)
+    out = export_with(tmp_path, tiny_sd3_dir, preset)
+    info = json.loads((out / INFO_FILE).read_text())
+    assert info["time_shift"] is False and info["level_rule"] == "uniform" and "shift 1" in info["usage"]
+    assert exported_sigmas(out) == pytest.approx([1.0, 0.75, 0.5, 0.25], abs=1e-6)  # no shift: as given
+
+
+def test_the_default_export_samples_through_the_models_shift(tiny_sd3_dir, tmp_path):
+    k = json.loads((tiny_sd3_dir / "scheduler" / "scheduler_config.json").read_text())["shift"]  # the tiny SD3's own
+    assert k != 1
+    out = export_with(tmp_path, tiny_sd3_dir, make_preset(tiny_sd3_dir, steps=2))
+    assert json.loads((out / INFO_FILE).read_text())["time_shift"] is True
+    assert exported_sigmas(out) == pytest.approx([1.0, k * 0.5 / (1 + (k - 1) * 0.5)], abs=1e-6)
+
+
+def test_a_tbcm_export_samples_the_authors_trigflow_levels_with_fresh_noise(tiny_sd3_dir, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    preset = Preset.model_validate(
+        {"name": "tiny", "model": {"pretrained": str(tiny_sd3_dir), "resolution": 32},
+         "data": {"prompts": "builtin:demo"}, "method": {"name": "tbcm"}, "inference": {"steps": 2}}
+    ).model_dump(mode="json")  # fmt: skip
+    out = export_with(tmp_path, tiny_sd3_dir, preset)
+    info = json.loads((out / INFO_FILE).read_text())
+    assert info["sampler"] == "consistency" and info["level_rule"] == "trigflow" and info["time_shift"] is False
+    assert DiffusionPipeline.from_pretrained(out).scheduler.config.stochastic_sampling
+    # TrigFlow t = [pi/2, 1.0] -> flow level s = sin t / (sin t + cos t): 1 and 0.841471 / 1.381773 = 0.608979
+    assert exported_sigmas(out) == pytest.approx([1.0, 0.608979], abs=1e-6)
+    # 4 steps: t = pi/2, 3pi/8, pi/4, pi/8 -> s = tan t / (1 + tan t) = 1, 1/sqrt 2, 1/2, 1 - 1/sqrt 2
+    assert exported_sigmas(out, 4) == pytest.approx([1.0, 0.707107, 0.5, 0.292893], abs=1e-6)

@@ -124,9 +124,12 @@ def test_the_export_samples_with_plain_diffusers_exactly_like_the_consistency_sa
     from cdmctl.engine.trigflow import consistency_sample
 
     info = json.loads((exported / "cdmctl.json").read_text())
-    assert (info["sampler"], info["steps"], info["levels"]) == ("consistency", 2, [1.0, 0.5])
+    # the authors' 2-step TrigFlow times t = [pi/2, 1.0]: flow levels 1 and sin 1 / (sin 1 + cos 1), unshifted
+    assert (info["sampler"], info["steps"], info["level_rule"]) == ("consistency", 2, "trigflow")
+    assert info["levels"] == pytest.approx([1.0, 0.608979], abs=1e-6)
     pipe = DiffusionPipeline.from_pretrained(exported)
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.stochastic_sampling
+    assert pipe.scheduler.config.shift == 1.0 and not pipe.scheduler.config.use_dynamic_shifting
     torch.manual_seed(123)  # the scheduler's fresh noise comes from the global generator
     latents = pipe("a red cube", sigmas=info["levels"], guidance_scale=1.0, max_sequence_length=8, height=32, width=32,
                    generator=torch.Generator().manual_seed(7), output_type="latent").images  # fmt: skip
@@ -135,8 +138,7 @@ def test_the_export_samples_with_plain_diffusers_exactly_like_the_consistency_sa
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7))
     torch.manual_seed(123)
     renoise = torch.randn((1, *latents.shape))
-    shift = pipe.scheduler.config.shift
-    levels = torch.tensor([1.0, shift * 0.5 / (1 + (shift - 1) * 0.5)])
+    levels = torch.tensor(info["levels"])  # sampled as given: the scheduler's shift is 1
 
     def velocity(x, s, rows):
         return pipe.transformer(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,

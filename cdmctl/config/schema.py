@@ -168,6 +168,9 @@ class ScheduleConfig(Section):
 # TBCM is continuous-time consistency distillation on the teacher's own trajectories (no fake teacher)
 FAMILIES = {"cdm": "cdm", "cdm-fixed": "cdm", "ddmd": "cdm", "dmd2": "cdm", "tbcm": "tbcm"}
 SAMPLERS = {"cdm": "euler", "tbcm": "consistency"}  # how a family's students sample (generate, eval, export)
+# the rule of a family's unshifted sampling levels (cdmctl.samplers): evenly spaced in the flow level, or TBCM's
+# authors' TrigFlow times (2 steps: t = [pi/2, 1.0]; n: linspace(pi/2, 0, n + 1)[:-1])
+LEVEL_RULES = {"cdm": "uniform", "tbcm": "trigflow"}
 
 
 def family_of(method_name: str) -> str:
@@ -178,6 +181,23 @@ def family_of(method_name: str) -> str:
 def sampler_of(preset: dict) -> str:
     """'euler' or 'consistency': how the students of a resolved preset dict (a checkpoint's) are sampled."""
     return SAMPLERS[family_of(((preset or {}).get("method") or {}).get("name", "cdm"))]
+
+
+def default_time_shift(family: str, schedule_time_shift: bool) -> bool:
+    """`inference.time_shift` when a preset leaves it null: the CDM family samples through the backbone's shift
+    exactly when it trained through it; TBCM on the authors' unshifted TrigFlow levels."""
+    return schedule_time_shift if family == "cdm" else False
+
+
+def sampling_of(preset: dict) -> tuple[str, str, bool]:
+    """(sampler, level rule, time shift on) of the students of a resolved preset dict (a checkpoint's; one written
+    before `inference.time_shift` existed gets its default)."""
+    method, inference = (preset or {}).get("method") or {}, (preset or {}).get("inference") or {}
+    family = family_of(method.get("name", "cdm"))
+    shift = inference.get("time_shift")
+    if shift is None:
+        shift = default_time_shift(family, ((method.get("schedule") or {}).get("time_shift", True)))
+    return SAMPLERS[family], LEVEL_RULES[family], bool(shift)
 
 
 class TBCMConfig(Section):
@@ -372,11 +392,20 @@ class ParallelConfig(Section):
 class InferenceConfig(Section):
     steps: int = Field(4, ge=1, description="Recommended student steps.")
     levels: list[float] | None = Field(
-        None, description="Inference schedule (unshifted); null = evenly spaced from 1 (e.g. 4: 1, .75, .5, .25)."
+        None, description="Inference schedule (unshifted); null = the method's levels for `steps`: evenly spaced from "
+        "1 (e.g. 4: 1, .75, .5, .25), TBCM the authors' TrigFlow times (2: t = pi/2, 1.0; n: linspace(pi/2, 0, n+1)).",
+    )
+    time_shift: bool | None = Field(
+        None, description="Sample through the backbone's time shift (sample grids, generate, eval, export, the proving "
+        "ground); false = at the unshifted levels (shift 1). null = the method's own: the CDM family as it trained "
+        "(method.schedule.time_shift, normally true), TBCM false (the authors' levels are unshifted).",
     )
 
-    def schedule(self) -> list[float]:
-        return self.levels or [1.0 - i / self.steps for i in range(self.steps)]
+    def schedule(self, rule: str = "uniform") -> list[float]:
+        """The unshifted levels of the recommended `steps` under the family's level `rule` (cdmctl.samplers)."""
+        from cdmctl.samplers import unshifted_levels
+
+        return self.levels or unshifted_levels(rule, self.steps)
 
 
 class RunConfig(Section):
@@ -400,6 +429,12 @@ class Preset(Section):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _inference_time_shift(self) -> "Preset":
+        if self.inference.time_shift is None:  # resolved, so that a run folder's preset says how it samples
+            self.inference.time_shift = default_time_shift(self.method.family, self.method.schedule.time_shift)
+        return self
 
     @model_validator(mode="after")
     def _merge_needs_shared_parameters(self) -> "Preset":

@@ -42,7 +42,7 @@ def reference_guidance(folder: Path, default: float) -> float:
 
 def write_before_after(run: "DistillRun", per_prompt: int | None = None, seed: int = 0) -> Path:
     """Score and picture the run's student (EMA when kept) against its teacher; returns the PNG path."""
-    from cdmctl.config.schema import SAMPLERS
+    from cdmctl.config.schema import sampling_of
     from cdmctl.proving import evaluate, figure, metrics, teacher
     from cdmctl.proving.grounds import ground_of
 
@@ -60,11 +60,14 @@ def write_before_after(run: "DistillRun", per_prompt: int | None = None, seed: i
     noise = evaluate.paired_noise(len(idx), gt.latent_shape, seed)
     rows = cond.index(idx)
 
-    def run_column(module, n, g, sampler="euler"):
-        x = evaluate.sample(run.backbone, module, rows, noise, n, res, g, null, sampler=sampler, seed=seed)
+    def run_column(module, n, g, sampling=("euler", "uniform", True)):
+        sampler, rule, time_shift = sampling
+        x = evaluate.sample(run.backbone, module, rows, noise, n, res, g, null, sampler=sampler, seed=seed, rule=rule,
+                            time_shift=time_shift)  # fmt: skip
         return x, metrics.score(gt, x, idx, ref, ref_idx)
 
-    student_sampler = SAMPLERS[preset.method.family]  # TBCM students: sCM's consistency sampler
+    # TBCM students: sCM's consistency sampler on the TrigFlow levels; inference.time_shift as the preset says
+    student_sampler = sampling_of(preset.model_dump(mode="json"))
 
     tm = run.roles.teacher_module
     columns = {
