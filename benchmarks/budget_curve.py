@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proving_ground import mean_std, quiet_process  # noqa: E402
+from proving_ground import FREE, free_name, mean_std, quiet_process  # noqa: E402
 
 STEPS = [1, 2, 4, 8]
 # name -> (label, base preset, overrides on top of it)
@@ -36,8 +36,9 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "ddmd": ("D-DMD (CA+DM, fixed 4-step)", "demo", ["method.name=ddmd", "method.schedule.kind=fixed",
                                                       "method.losses.cdm=0"]),
     "tbcm": ("TBCM (demo-tbcm)", "demo-tbcm", []),
-    "cdm-unshifted": ("CDM, schedule without the time shift", "demo", ["method.schedule.time_shift=false",
-                                                                        "inference.time_shift=false"]),
+    # the schedule without the time shift (inference.time_shift follows it: sampled unshifted too)
+    "cdm-unshifted": ("CDM, schedule without the time shift", "demo", ["method.schedule.time_shift=false"]),
+    "cdm-no-ca": ("CDM without the CA loss (the toy's ground truth is unguided)", "demo", ["method.losses.ca=0"]),
 }  # fmt: skip
 
 
@@ -121,21 +122,24 @@ def distill_and_score(job: dict) -> dict:
 
 
 def score_teacher(job: dict) -> dict:
-    """Training-free samplers of the ground's teacher at 1/2/4/8 and 50 steps: Euler at its shift and without."""
+    """Every training-free sampler of the proving-ground benchmark (`FREE`: diffusers' schedulers through
+    cdmctl.samplers) on the ground's teacher at 1/2/4/8 and 50 steps, guidance 1."""
     quiet_process(Path(job["workdir"]) / "teacher.log")
     from cdmctl.backbones import ensure_builtin
     from cdmctl.proving import evaluate
     from cdmctl.proving.grounds import GROUNDS
-    from cdmctl.proving.teacher import load
+    from cdmctl.proving.teacher import RESOLUTION, load
 
     ground = GROUNDS[job["ground"]]
     backbone, gt = load(ensure_builtin(ground.name)), ground.truth()
     cond, null = backbone.encode_prompts(gt.prompts), backbone.encode_prompts([""])
     rows = {}
-    for name, shift in ((f"euler-shift{ground.shift:g}", True), ("euler", False)):
-        scores = evaluate.evaluate(backbone, backbone.transformer, gt, cond, null, [*STEPS, 50], 16,
-                                   per_prompt=job["per_prompt"], seed=job["eval_seed"], time_shift=shift)  # fmt: skip
-        rows[name] = {str(k): v for k, v in scores.items()}
+    for name, shift in FREE:
+        scores = evaluate.evaluate(backbone, backbone.transformer, gt, cond, null, [*STEPS, 50], RESOLUTION,
+                                   per_prompt=job["per_prompt"], seed=job["eval_seed"], scheduler=name,
+                                   shift=shift)  # fmt: skip
+        label = free_name(name, shift, ground.shift).removeprefix("teacher-")
+        rows[label] = {str(k): v for k, v in scores.items()}
     return {"variant": "teacher", "seed": None, "ground": job["ground"], "rows": rows}
 
 
@@ -154,7 +158,7 @@ def summarize(runs: list[dict]) -> dict:
                     cell = out.setdefault(key, {}).setdefault(budget, {}).setdefault(steps, {})
                     for m, v in metrics.items():
                         cell.setdefault(m, []).append(v)
-                if label == "own" and rec.get("cost") is not None:
+                if rec.get(label) and rec.get("cost") is not None:
                     out[key][budget].setdefault("cost", []).append(rec["cost"])
     return {v: {b: {s: ({m: mean_std(vals) for m, vals in cell.items()} if s != "cost" else mean_std(cell))
                     for s, cell in per_b.items()} for b, per_b in per_v.items()} for v, per_v in out.items()}

@@ -110,11 +110,12 @@ def toy_context(per_prompt: int):
     return backbone, gt, backbone.encode_prompts(gt.prompts), backbone.encode_prompts([""])
 
 
-def free_name(sampler: str, shift: float | None) -> str:
-    """teacher-<sampler>, with -shift<k> unless it samples without a shift (k = 1)."""
-    from cdmctl.proving.teacher import SHIFT
+def free_name(sampler: str, shift: float | None, own: float | None = None) -> str:
+    """teacher-<sampler>, with -shift<k> unless it samples without a shift (k = 1); None is the teacher's own
+    shift `own` (default: the first toy's)."""
+    from cdmctl.proving.grounds import GROUNDS
 
-    k = SHIFT if shift is None else shift
+    k = (own or GROUNDS["toy-sd3"].shift) if shift is None else shift
     return f"teacher-{sampler}" + ("" if k == 1 else f"-shift{k:g}")
 
 

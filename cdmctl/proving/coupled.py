@@ -33,8 +33,8 @@ class CoupledSpec:
     colors: tuple[str, ...] = tuple(COLORS)
     shapes: tuple[str, ...] = SHAPES
     placements: int = 4
-    medium: int = 4  # 2 x 2-pixel block features per placement (all channels, a sign pattern per channel)
-    fine: int = 8  # 1-pixel features per placement (all channels, a sign pattern per channel)
+    medium: int = 2  # 2 x 2-pixel block features per placement (all channels, a sign pattern per channel)
+    fine: int = 4  # 1-pixel features per placement (all channels, a sign pattern per channel)
     medium_amplitude: float = 0.3
     fine_amplitude: float = 0.5
     channels: int = 4
