@@ -38,16 +38,30 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
+def distill_demo(out: Path, resume: str | None = None, **changes) -> None:
+    """A demo run in this process (the libraries imported once), without the demo's before/after figure (a minute
+    of the toy teacher at 50 steps, the proving ground's own report, not what these tests look at)."""
+    from cdmctl.config import load_preset
+    from cdmctl.run import distill
+
+    values = {**DEMO, **changes}
+    preset = load_preset("demo", [f"{k}={v}" for k, v in values.items()])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("cdmctl.run.write_run_reports", lambda run, dashboard: None)
+        distill(preset, out=str(out), resume=resume is not None, live=False, checkpoint=resume or "latest")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """A demo run of 4 iterations resumed from its checkpoint 2 to 6 iterations (iterations 3 and 4 logged twice
     to the trackers, so the purge is needed), and a second, shorter run with another seed for the report."""
     root = tmp_path_factory.mktemp("observability")
     first, second = root / "demo", root / "demo-seed1"
-    ok(cdmctl(*demo_args(first, **{"eval.select": "precision@2", "run.keep_checkpoints": 1})))
-    ok(cdmctl(*demo_args(first, **{"eval.select": "precision@2", "run.keep_checkpoints": 1, "train.iterations": 6}),
-              "--resume"))  # fmt: skip
-    ok(cdmctl(*demo_args(second, **{"train.seed": 1, "train.iterations": 2})))
+    distill_demo(first, **{"eval.select": "precision@2", "run.keep_checkpoints": 3})
+    # from checkpoint 2, although 4 exists: 3 and 4 are trained, logged and evaluated again; then only the newest
+    # checkpoint and the best are kept
+    distill_demo(first, resume="2", **{"eval.select": "precision@2", "run.keep_checkpoints": 1, "train.iterations": 6})
+    distill_demo(second, **{"train.seed": 1, "train.iterations": 2})
     return {"first": first, "second": second}
 
 
@@ -102,7 +116,7 @@ def test_the_best_checkpoint_is_the_best_recorded_score_and_survives_pruning(run
     assert kept[-1].name == ckpt.checkpoint_name(6) and len(kept) <= 2
     out = tmp_path / "student"
     ok(cdmctl("export", str(folder), "--out", str(out), "--checkpoint", "best"))
-    assert json.loads((out / "cdmctl.json").read_text())["iteration"] == first_best
+    assert json.loads((out / "cdmctl.json").read_text())["source"]["iteration"] == first_best
 
 
 def assert_grid_equals_eval(run: Path, iteration: int, steps: int, tmp_path: Path) -> None:
