@@ -697,7 +697,11 @@ def train_with_dashboard(run: DistillRun, preset: Preset, live: bool | None, sto
         for line in [*notes, *run.notes]:
             dashboard.note(line)
         hooks = run.start(dashboard, stop)
-        if main and stop.received is None:
+        if main and stop.received is None and run.strategy == FSDP2:
+            # a report samples the student on the main process alone: a sharded one would wait for the other ranks
+            dashboard.note("end-of-run reports (the demo's before/after) are skipped under FSDP2: export the run "
+                           "and evaluate it on one process")
+        elif main and stop.received is None:
             write_run_reports(run, dashboard)
     return hooks
 
