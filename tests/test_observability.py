@@ -229,3 +229,48 @@ def test_two_processes_split_the_evaluation_and_log_once(mode, extra, tmp_path):
     made = save_grid(images_tensor([Image.open(ev / "images" / f"{i:06d}-000.png") for i in range(3)]), tmp_path / "e.png")
     ours = out / "evals" / "step-0000002" / "steps-2.png"
     assert images_tensor([Image.open(ours)]).equal(images_tensor([Image.open(made)]))
+
+
+def test_the_loop_checkpoints_each_new_best_at_once_and_stops_after_the_decline():
+    """engine.loop.train with a stand-in distiller: evaluations every 2 iterations; a new best at 2 is checkpointed
+    although no checkpoint is due, and the evaluation at 6 asking to stop (stop_after_decline) ends the run there,
+    after a checkpoint of that iteration to resume from."""
+    from types import SimpleNamespace
+
+    from cdmctl.engine.cost import CostCounter
+    from cdmctl.engine.loop import Counters, EvalOutcome, Schedule, train
+
+    class Distiller:
+        counters, cost = Counters(), CostCounter()
+        accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+
+        def iteration(self):
+            self.counters.iteration += 1
+            return {"loss/x": 1.0}
+
+        def state(self):
+            return {"iteration": self.counters.iteration}
+
+    class Hooks:
+        evaluated, checkpoints = [], []
+        outcomes = {2: EvalOutcome(checkpoint=True), 4: EvalOutcome(), 6: EvalOutcome(stop=True)}
+
+        def log(self, record): ...
+        def sample(self, iteration): ...
+        def stop_requested(self): return False
+
+        def evaluate(self, iteration):
+            self.evaluated.append(iteration)
+            return self.outcomes[iteration]
+
+        def checkpoint(self, iteration):
+            self.checkpoints.append(iteration)
+
+    hooks = Hooks()
+    counters = train(Distiller(), Schedule(10, 100, 0, 0, 5, eval_every=2), hooks, batch_size=1)
+    assert counters.iteration == 6 and hooks.evaluated == [2, 4, 6] and hooks.checkpoints == [2, 6]
+
+
+def test_the_trackers_option_of_distill_is_checked_before_any_model_loads(tmp_path):
+    result = cdmctl(*demo_args(tmp_path / "run"), "--trackers", "tensorboard,neptune")
+    assert result.returncode == 2 and "unknown tracker 'neptune'" in result.stderr and "Traceback" not in result.stderr
