@@ -616,12 +616,12 @@ def prepare_folder(preset: Preset, folder: Path, resume: bool, checkpoint: str =
     strategy = effective_strategy(preset.parallel.strategy)  # a launch that cannot work stops here, in a second
     check_supported(preset, strategy)
     resolve_trackers(preset.run.trackers, preset.run.optional_trackers)  # unknown or not installed: refused now
-    check_eval(preset)
     start, notes = start_point(folder, resume, checkpoint)
     if start is not None:
         check_resumable(start, preset)
         check_prompts_unchanged(start, preset)
         check_layout(start, strategy)
+    check_eval(preset)  # after the folder's own refusals, which need no library (the metric registry loads plugins)
     folder.mkdir(parents=True, exist_ok=True)
     write_preset(folder, preset.model_dump(mode="json"))
     return start, notes
