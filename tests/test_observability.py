@@ -223,9 +223,9 @@ def test_two_processes_split_the_evaluation_and_log_once(mode, extra, tmp_path):
     from cdmctl.runlog import save_grid
 
     ev = tmp_path / "eval"
-    ok(cdmctl("eval", "--model", str(out), "--checkpoint", "2", "--prompts", "builtin:toy", "--limit", "3",
-              "--num-per-prompt", "2", "--steps", "2", "--seed", "0", "--batch-size", "4", "--phase", "generate",
-              "--out", str(ev)))  # fmt: skip
+    ok(subprocess.run([CDMCTL, "eval", "--model", str(out), "--checkpoint", "2", "--prompts", "builtin:toy", "--limit",
+                       "3", "--num-per-prompt", "2", "--steps", "2", "--seed", "0", "--batch-size", "4", "--phase",
+                       "generate", "--out", str(ev)], capture_output=True, text=True, timeout=600, env=env))  # fmt: skip
     made = save_grid(images_tensor([Image.open(ev / "images" / f"{i:06d}-000.png") for i in range(3)]), tmp_path / "e.png")
     ours = out / "evals" / "step-0000002" / "steps-2.png"
     assert images_tensor([Image.open(ours)]).equal(images_tensor([Image.open(made)]))
