@@ -215,7 +215,7 @@ class TrainingEvaluator:
         images = self.student.sample([self.prompts[i] for i, _ in real], seeds, steps=steps, height=size, width=size,
                                      batch_size=cfg.batch_size, extra={"callback_on_step_end": keep_final})  # fmt: skip
         latents = torch.cat(finals) if finals else [None] * len(images)
-        mine = [(i, j, img, lat) for job, img, lat in zip(jobs, images, latents) if job for i, j in [job]]
+        mine = [(*job, image, final) for job, image, final in zip(jobs, images, latents) if job is not None]
         return sorted(gather(mine, self.world), key=lambda row: (row[0], row[1]))
 
     def evaluate(self, module: Any, iteration: int, folder: Path, main: bool) -> Evaluation:
