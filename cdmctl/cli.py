@@ -89,11 +89,16 @@ def distill(
     ] = "latest",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the resolved preset; train nothing.")] = False,
     live: Annotated[Optional[bool], typer.Option("--live/--plain", help="Live dashboard or plain log lines.")] = None,
+    trackers: Annotated[
+        Optional[str], typer.Option("--trackers", help="Also log to these trackers, e.g. tensorboard,wandb (sets run.trackers).")
+    ] = None,
 ) -> None:
     """Distil a student as the preset says (single process, or under `accelerate launch`)."""
     from cdmctl.config import load_preset
 
     resolved = load_preset(preset, set_ or [])
+    if trackers is not None:
+        resolved.run.trackers = [t for t in trackers.replace(",", " ").split() if t]
     if dry_run:
         _print_yaml(resolved.model_dump(mode="json"))
         return
@@ -122,7 +127,7 @@ def distill(
 def export(
     run_dir: Annotated[str, typer.Argument(help="Run folder written by `cdmctl distill`.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Folder to write the diffusers pipeline to.")],
-    checkpoint: Annotated[str, typer.Option(help="'latest' or an iteration number.")] = "latest",
+    checkpoint: Annotated[str, typer.Option(help="'latest', 'best' (the best evaluated) or an iteration number.")] = "latest",
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Export the EMA weights (default) or the raw student.")] = True,
     dtype: Annotated[str, typer.Option(help="Weight dtype of every component: bf16, fp16 or fp32.")] = "fp32",
     lora_only: Annotated[
@@ -166,7 +171,7 @@ def generate(
     prompt: Annotated[Optional[list[str]], typer.Argument(help="One or more prompts.", show_default=False)] = None,
     prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompt file (.txt or .jsonl) or builtin:NAME.")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Exported folder, run folder, or hub id.")] = ...,
-    checkpoint: Annotated[str, typer.Option(help="Run folders: 'latest' or an iteration number.")] = "latest",
+    checkpoint: Annotated[str, typer.Option(help="Run folders: 'latest', 'best' or an iteration number.")] = "latest",
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Run folders: EMA weights (default) or the raw student.")] = True,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: cdmctl.json's, else 4).")] = None,
     sigmas: Annotated[
@@ -246,7 +251,7 @@ def eval_(
     score_batch_size: Annotated[int, typer.Option(help="Scoring batch size.")] = 8,
     height: Annotated[Optional[int], typer.Option(help="Image height (default: the student's resolution).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Image width (default: the student's resolution).")] = None,
-    checkpoint: Annotated[str, typer.Option(help="For a run folder: checkpoint step or 'latest'.")] = "latest",
+    checkpoint: Annotated[str, typer.Option(help="For a run folder: checkpoint step, 'latest' or 'best'.")] = "latest",
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="For a run folder: sample the EMA weights.")] = True,
     device: Annotated[Optional[str], typer.Option(help="Device (default: this rank's GPU, else cpu).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Student dtype (default bf16 on GPU, fp32 on CPU).")] = None,
@@ -284,7 +289,7 @@ def eval_(
     check_sampler(scheduler), check_shift(shift), check_levels_fit(scheduler, levels)
     _quiet_libraries()
     with interrupt_line(f"the images and scores finished so far are kept in {out}; run the same command again to "
-                        "continue from there"):  # fmt: skip
+                        "continue from there"), progress_bar() as bar:  # fmt: skip
         rows = ev.run_eval(
             models, prompts, names, out, phase=phase,
             metric_options=options, limit=limit, steps=steps, sigmas=levels, seed=seed,
@@ -292,12 +297,44 @@ def eval_(
             score_batch_size=score_batch_size, height=height, width=width, checkpoint=checkpoint, ema=ema,
             device=device, dtype=dtype, rescore=rescore,
             embeddings=ev.EmbeddingSettings(cache_embeddings, embedding_cache), scheduler=scheduler, shift=shift,
-            note=lambda line: console.print(line, highlight=False, markup=False),
+            note=lambda line: console.print(line, highlight=False, markup=False), progress=bar,
         )  # fmt: skip
     if rows:
         console.print(ev.render_table(rows))
         for row in rows:
             console.print(f"  {row['label']}: {row['folder']}/summary.md", highlight=False, markup=False)
+
+
+@contextmanager
+def progress_bar():
+    """eval's progress: one bar per phase (generation, each metric), on stderr; (label, done, total) updates it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bars: dict[str, int] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=False) as progress:  # fmt: skip
+
+        def update(label: str, done: int, total: int) -> None:
+            if label not in bars:
+                bars[label] = progress.add_task(label, total=total)
+            progress.update(bars[label], completed=done, total=total)
+
+        yield update
+
+
+@app.command(epilog=examples("cdmctl report runs/demo --out report",
+                              "cdmctl report runs/demo runs/demo-seed1 --out compare"))
+def report(
+    runs: Annotated[list[str], typer.Argument(help="Run folders written by `cdmctl distill` (several: compared).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the plots, summary.md and sample sheets.")] = "report",
+) -> None:
+    """Plots of the training curves and evaluated scores, a summary table and sheets of evaluation samples."""
+    from cdmctl.report import write_report
+
+    written = write_report(runs, out)
+    console.print(f"[bold green]report[/] {escape(str(out))}", soft_wrap=True, highlight=False)
+    for path in written:
+        console.print(f"  {path}", soft_wrap=True, highlight=False, markup=False)
 
 
 @presets_app.command("list", epilog=examples("cdmctl presets list", "cdmctl presets list | grep longcat"))

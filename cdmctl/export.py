@@ -28,6 +28,7 @@ from cdmctl.studentload import (  # noqa: F401
     lora_config_from,
     parse_dtype,
     read_info,
+    sample_as_trained,
     student_pipeline,
     weight_choice,
 )

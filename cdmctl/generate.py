@@ -158,6 +158,7 @@ class Student:
         width: int | None = None,
         batch_size: int = 4,
         progress: Callable[[int], None] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> list[Any]:
         """One PIL image per (prompt, seed): the student's sampler (Euler, or a TBCM student's consistency sampler) on the schedule, guidance 1, no negative prompt.
 
@@ -166,12 +167,13 @@ class Student:
         the device: in float32, batch size and position change a pixel by at most 1/255 (CPU and
         H100), and CPU vs GPU likewise. In bf16 on a GPU the matrix kernels depend on the batch
         shape, so pixels may differ by a few levels between batch sizes (5/255 seen on an H100).
-        `progress(n)` is called after each batch with the number of images it made.
+        `progress(n)` is called after each batch with the number of images it made; `extra`: more pipeline
+        arguments (training's evaluation passes a step-end callback that keeps the final latents).
         """
         levels = self.schedule(steps, sigmas)
         # the step count too: a pipeline may compute its shift from it (Flux.2) even when given the sigmas
         settings = {**self.timestep_kwargs(levels, sigmas is not None), **self.guidance_kwargs(1.0),
-                    **self.call_kwargs()}  # fmt: skip
+                    **self.call_kwargs(), **(extra or {})}  # fmt: skip
         return run_pipeline(self.pipe, prompts, seeds, settings, self.image_size(height, width), batch_size, progress,
                             self.prompt_kwargs)  # fmt: skip
 

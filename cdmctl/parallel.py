@@ -85,7 +85,8 @@ def fsdp2_plugin(mixed: str) -> Any:
     )
 
 
-def build_accelerator(preset: Any, folder: Path, strategy: str) -> Any:
+def build_accelerator(preset: Any, folder: Path, strategy: str, trackers: list[str] | None = None) -> Any:
+    """The run's Accelerator; `trackers` (accelerate's names, checked installed) log under RUN/trackers."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -94,8 +95,9 @@ def build_accelerator(preset: Any, folder: Path, strategy: str) -> Any:
     cpu = not torch.cuda.is_available() and strategy != SINGLE
     mixed = mixed_precision(preset.model.precision)
     plugin = fsdp2_plugin(mixed) if strategy == FSDP2 else None
-    acc = Accelerator(cpu=cpu, mixed_precision=mixed, fsdp_plugin=plugin,
-                      project_config=ProjectConfiguration(project_dir=str(folder)))  # fmt: skip
+    project = ProjectConfiguration(project_dir=str(folder), logging_dir=str(Path(folder) / "trackers"))
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed, fsdp_plugin=plugin, project_config=project,
+                      log_with=trackers or None)  # fmt: skip
     if plugin is not None and not acc.is_fsdp2:
         enable_fsdp2_on_cpu(acc, plugin)
     return acc

@@ -275,16 +275,21 @@ def check_layout(checkpoint: Path, strategy: str) -> None:
 
 
 class RunHooks:
-    """What the loop asks for: log lines (JSONL + dashboard), sample grids, checkpoints."""
+    """What the loop asks for: log lines (JSONL, trackers, dashboard), sample grids, evaluations, checkpoints."""
 
     def __init__(self, run: "DistillRun", dashboard, stop: StopSignals | None = None):
         self.run, self.dashboard, self.stop = run, dashboard, stop
         self.last_checkpoint: Path | None = None
         self.last_grid: Path | None = None
+        self.pending_best: int | None = None  # the iteration of a new best, recorded once its checkpoint exists
+        self.stopped_by_decline = False
 
     def log(self, record: dict[str, Any]) -> None:
+        from cdmctl.trackers import log_scalars
+
         if self.run.accelerator.is_main_process:
             self.run.log.log(record)
+            log_scalars(self.run.accelerator, record)
         self.dashboard.update(record)
 
     def sample(self, iteration: int) -> None:
@@ -295,10 +300,41 @@ class RunHooks:
             path = self.run.folder / "samples" / f"step-{iteration:07d}.png"
             self.last_grid = save_grid(images, path)
             self.dashboard.note(f"samples written to {path}")
+            self.run.log_picture("samples", path, iteration)
+
+    def evaluate(self, iteration: int) -> "EvalOutcome":
+        """Score the student (EMA when kept); a new best of the selected score is checkpointed and kept."""
+        from cdmctl.engine.loop import EvalOutcome
+
+        run, acc = self.run, self.run.accelerator
+        result = run.evaluate(iteration)
+        self.log(result.record)
+        for steps, path in result.grids.items():
+            run.log_picture(f"eval/{steps}-steps", path, iteration)
+        selection = run.selection
+        if selection is None:
+            return EvalOutcome()
+        improved, warning = selection.update(float(result.record[selection.key]), iteration)
+        if warning:
+            self.dashboard.note(f"WARNING: {warning}")
+        if improved:
+            self.pending_best = iteration
+            self.dashboard.note(f"new best {selection.key[len('eval/'):]} {selection.best:.4g}")
+        limit = run.preset.eval.stop_after_decline
+        self.stopped_by_decline = bool(limit and selection.since_best >= limit)
+        if self.stopped_by_decline and acc.is_main_process:
+            self.dashboard.note(f"stopping: {limit} evaluations without a new best (best at iteration "
+                                f"{selection.best_iteration}; export it with --checkpoint best)")  # fmt: skip
+        return EvalOutcome(checkpoint=improved, stop=self.stopped_by_decline)
 
     def checkpoint(self, iteration: int) -> None:
+        from cdmctl.trainingeval import write_best
+
         self.last_checkpoint = self.run.save_checkpoint(iteration)
         self.dashboard.note(f"checkpoint {self.last_checkpoint.name} written")
+        if self.pending_best == iteration and self.run.accelerator.is_main_process:
+            write_best(self.run.folder, self.run.selection, self.last_checkpoint)
+            self.pending_best = None
 
     def stop_requested(self) -> bool:
         """A signal reached any process: all stop after the same iteration (a lone rank would hang the rest)."""
@@ -316,9 +352,13 @@ class DistillRun:
     def __init__(self, preset: Preset, folder: Path):
         from cdmctl.runlog import RunLog
 
+        from cdmctl.trackers import resolve_trackers
+        from cdmctl.trainingeval import selection_of
+
         self.preset, self.folder = preset, folder
         self.strategy = effective_strategy(preset.parallel.strategy)
-        self.accelerator = acc = build_accelerator(preset, folder, self.strategy)
+        trackers, self.notes = resolve_trackers(preset.run.trackers, preset.run.optional_trackers)
+        self.accelerator = acc = build_accelerator(preset, folder, self.strategy, trackers)
         self.source = resolve_source(preset.model.pretrained)
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
         self.backbone = backbone = self.load_backbone(compute)
@@ -327,13 +367,14 @@ class DistillRun:
         self.latent = backbone.latent_shape(res, res)
         prompts = load_prompts(preset.data.prompts)
         self.prompts_sha256 = prompt_file_sha256(preset.data.prompts)  # of the file as this run read it
-        self.notes: list[str] = []
         if preset.data.cache_embeddings:
             bank, note = cached_prompts(preset, self.source, backbone, prompts, compute, acc)
             self.notes.append(note)
         else:
             bank = LivePrompts(backbone, prompts)
         self.grid = SampleGrid(backbone, preset, self.latent, acc.device)
+        self.evaluator = self.training_evaluator()  # encodes its prompts: before the text encoders go
+        self.selection = selection_of(preset)
         if preset.data.cache_embeddings:
             backbone.release_text_encoders()  # every prompt is on disk now
         make_batch = batch_maker(bank, self.per_process_batch(), self.latent, acc.device)
@@ -345,6 +386,39 @@ class DistillRun:
         build = {"cdm": self.cdm_distiller, "tbcm": self.tbcm_distiller}[preset.method.family]
         self.distiller = build(compute, make_batch, shift)
         self.log = RunLog(folder)
+
+    def training_evaluator(self):
+        if not self.preset.eval.enabled:
+            return None
+        from cdmctl.trainingeval import TrainingEvaluator
+
+        acc = self.accelerator
+        return TrainingEvaluator(self.backbone, self.preset, self.source, acc.process_index, acc.num_processes)
+
+    def evaluate(self, iteration: int):
+        """The evaluator on the student (EMA when kept), every rank taking part."""
+        module = self.accelerator.unwrap_model(self.roles.student_module)
+        main = self.accelerator.is_main_process
+        if self.ema is None:
+            return self.evaluator.evaluate(module, iteration, self.folder, main)
+        with self.ema.swapped_into(module):
+            return self.evaluator.evaluate(module, iteration, self.folder, main)
+
+    def log_picture(self, tag: str, path: Path, iteration: int) -> None:
+        """A PNG the run wrote, to the trackers (main process)."""
+        if self.accelerator.is_main_process and self.accelerator.trackers:
+            from PIL import Image
+
+            from cdmctl.trackers import log_image
+
+            with Image.open(path) as image:
+                log_image(self.accelerator, tag, image, iteration)
+
+    def start_trackers(self) -> None:
+        from cdmctl.trackers import start_trackers
+
+        self.notes += start_trackers(self.accelerator, self.preset.name, self.preset.model_dump(mode="json"),
+                                     self.folder, self.distiller.counters.iteration)  # fmt: skip
 
     def cdm_distiller(self, compute: torch.dtype, make_batch, shift) -> Distiller:
         preset = self.preset
@@ -452,9 +526,16 @@ class DistillRun:
             final = staging.parent / ckpt.checkpoint_name(iteration)
             if acc.is_main_process:
                 final = ckpt.finalize_checkpoint(staging, iteration, self.manifest(), tensors,
-                                                 keep=self.preset.run.keep_checkpoints)
+                                                 keep=self.preset.run.keep_checkpoints, protect=self.kept_apart())
         acc.wait_for_everyone()
         return final
+
+    def kept_apart(self) -> set[str]:
+        """Checkpoints that pruning leaves alone: the best one (RUN/best.json)."""
+        from cdmctl.trainingeval import read_best
+
+        best = read_best(self.folder)
+        return {Path(best["checkpoint"]).name} if best else set()
 
     def student_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """What export needs: the full student (or only its adapter, for LoRA) and its EMA, same keys, whole
@@ -491,6 +572,11 @@ class DistillRun:
         self.distiller.load_state(manifest)
         self.distiller.cost.load_state_dict(manifest["cost_totals"])
         trim_metrics(self.folder, self.distiller.counters.iteration)
+        if self.evaluator is not None:  # evaluations up to the checkpoint are kept, not repeated
+            from cdmctl.runlog import read_metrics
+            from cdmctl.trainingeval import replay
+
+            self.evaluator.totals = replay(self.selection, read_metrics(self.folder))
 
     def start(self, dashboard, stop: StopSignals | None = None) -> RunHooks:
         p = self.preset
@@ -498,7 +584,7 @@ class DistillRun:
         if self.distiller.counters.iteration == 0:
             hooks.sample(0)  # the "before" picture: the student still equals the teacher
         schedule = Schedule(p.train.iterations, p.run.log_every, p.run.sample_every, p.run.checkpoint_every,
-                            p.train.max_nonfinite)
+                            p.train.max_nonfinite, p.eval.every if p.eval.enabled else 0)
         train(self.distiller, schedule, hooks, p.train.batch_size)
         return hooks
 
@@ -518,13 +604,18 @@ def prepare_folder(preset: Preset, folder: Path, resume: bool, checkpoint: str =
     from cdmctl.runfolder import start_point
     from cdmctl.runlog import write_preset
 
+    from cdmctl.trackers import resolve_trackers
+    from cdmctl.trainingeval import check_eval
+
     strategy = effective_strategy(preset.parallel.strategy)  # a launch that cannot work stops here, in a second
     check_supported(preset, strategy)
+    resolve_trackers(preset.run.trackers, preset.run.optional_trackers)  # unknown or not installed: refused now
     start, notes = start_point(folder, resume, checkpoint)
     if start is not None:
         check_resumable(start, preset)
         check_prompts_unchanged(start, preset)
         check_layout(start, strategy)
+    check_eval(preset)  # after the folder's own refusals, which need no library (the metric registry loads plugins)
     folder.mkdir(parents=True, exist_ok=True)
     write_preset(folder, preset.model_dump(mode="json"))
     return start, notes
@@ -564,10 +655,17 @@ def train_until_done_or_stopped(preset: Preset, folder: Path, start_from: Path |
             run = DistillRun(preset, folder)
             if start_from is not None:
                 run.restore(start_from)
+            run.start_trackers()
             hooks = train_with_dashboard(run, preset, live, stop, notes)
     except KeyboardInterrupt:
         raise interrupted("SIGINT", run, folder) from None
-    if run.distiller.counters.iteration < preset.train.iterations:  # stopped early: only a signal does that
+    finally:
+        if run is not None:
+            from cdmctl.trackers import finish_trackers
+
+            finish_trackers(run.accelerator)
+    stopped = run.distiller.counters.iteration < preset.train.iterations and not hooks.stopped_by_decline
+    if stopped:  # stopped early: a signal (or eval.stop_after_decline, which ends the run normally)
         raise interrupted(stop.received or "signal", run, folder)
     main = run.accelerator.is_main_process
     end_processes(run.accelerator)
@@ -593,7 +691,11 @@ def train_with_dashboard(run: DistillRun, preset: Preset, live: bool | None, sto
         for line in [*notes, *run.notes]:
             dashboard.note(line)
         hooks = run.start(dashboard, stop)
-        if main and stop.received is None:
+        if main and stop.received is None and run.strategy == FSDP2:
+            # a report samples the student on the main process alone: a sharded one would wait for the other ranks
+            dashboard.note("end-of-run reports (the demo's before/after) are skipped under FSDP2: export the run "
+                           "and evaluate it on one process")
+        elif main and stop.received is None:
             write_run_reports(run, dashboard)
     return hooks
 

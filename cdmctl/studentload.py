@@ -138,11 +138,17 @@ def student_pipeline(
         pipe = backbone.pipeline(backbone.transformer)
     except (NotImplementedError, AttributeError) as exc:
         raise UserError(f"backbone '{family}' has no diffusers pipeline", "export a diffusers backbone's run") from exc
-    match_training_shift(pipe, manifest.get("preset") or {})
-    match_training_sampler(pipe, manifest.get("preset") or {})
-    # what the family's pipeline config says of a few-step student (FLUX.2 [klein]: is_distilled, guidance ignored)
-    pipe.register_to_config(**type(backbone).student_pipeline_config())
+    sample_as_trained(pipe, type(backbone), manifest.get("preset") or {})
     return pipe.to(device), manifest
+
+
+def sample_as_trained(pipe: Any, family: type, preset: dict[str, Any]) -> None:
+    """Make a family's pipeline sample a student as it was trained (time shift, sampler, few-step config); the
+    same for an exported checkpoint and for the live student that training evaluates."""
+    match_training_shift(pipe, preset)
+    match_training_sampler(pipe, preset)
+    # what the family's pipeline config says of a few-step student (FLUX.2 [klein]: is_distilled, guidance ignored)
+    pipe.register_to_config(**family.student_pipeline_config())
 
 
 def weight_choice(manifest: dict[str, Any], ema: bool) -> str:

@@ -414,6 +414,78 @@ class RunConfig(Section):
     sample_every: int = Field(500, ge=0, description="Iterations between sample grids (0 = only at the end).")
     checkpoint_every: int = Field(500, ge=0, description="Iterations between checkpoints (0 = only at the end).")
     keep_checkpoints: int = Field(3, ge=1, description="How many recent checkpoints to keep.")
+    trackers: list[str] = Field(
+        default_factory=list, description="accelerate trackers to log to as well as metrics.jsonl (tensorboard, wandb, "
+        "mlflow, aim, ...; main process only); their logs go under RUN/trackers. `--trackers` on distill sets it.",
+    )
+    optional_trackers: list[str] = Field(
+        default_factory=list, description="Trackers used when their package is installed and skipped (with a note) "
+        "when it is not (the demo: tensorboard).",
+    )
+
+
+def parse_selection(select: str) -> tuple[str, int]:
+    """`precision@4` -> ('precision', 4): the metric and the step count whose score picks the best checkpoint."""
+    metric, _, steps = select.partition("@")
+    if not metric or not steps.isdigit() or int(steps) < 1:
+        raise ValueError(f"select must read METRIC@STEPS, e.g. precision@4, got '{select}'")
+    return metric.strip().lower(), int(steps)
+
+
+class EvalConfig(Section):
+    """Evaluation of the student while it trains (cdmctl/trainingeval.py): fixed prompts and seeds, scored every
+    `every` iterations; the selected score keeps the best checkpoint."""
+
+    enabled: bool = Field(False, description="Evaluate during training.")
+    every: int = Field(500, ge=1, description="Iterations between evaluations (and one at the end).")
+    prompts: str = Field(
+        "pickscore-test", description="A named prompt set (pickscore-test, dpg-bench, ...), builtin:NAME or a .txt/.jsonl file.",
+    )
+    limit: int | None = Field(64, ge=1, description="Use only the first N prompts (keep evaluation small); null = all.")
+    steps: list[int] = Field([4], min_length=1, description="Student step counts to evaluate, e.g. [1, 2, 4, 8].")
+    metrics: list[str] = Field(
+        ["clipscore"], min_length=1, description="Registered metrics (clipscore, pickscore, hpsv3, ...; on the toy "
+        "teacher the proving ground's ground-truth precision, coverage, mmd2, adherence).",
+    )
+    samples_per_prompt: int = Field(1, ge=1, description="Images per prompt.")
+    seed: int = Field(0, ge=0, description="Base seed: image j of prompt i uses seed + i * samples_per_prompt + j, as "
+                      "`cdmctl eval --seed` does.")  # fmt: skip
+    batch_size: int = Field(8, ge=1, description="Images per pipeline call (as `cdmctl eval --batch-size`).")
+    select: str | None = Field(
+        None, description="METRIC@STEPS whose score picks the best checkpoint (e.g. precision@4; its direction is the "
+        "metric's); null = no best checkpoint.",
+    )
+    decline_threshold: float = Field(
+        0.05, ge=0, description="Warn when the selected score is this much (in its own units) worse than its best.",
+    )
+    stop_after_decline: int | None = Field(
+        None, ge=1, description="Stop the run after this many evaluations in a row without a new best; null = never.",
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v) or len(set(v)) != len(v):
+            raise ValueError(f"steps must be distinct counts >= 1, got {v}")
+        return v
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: list[str]) -> list[str]:
+        return [m.strip().lower() for m in v]
+
+    @model_validator(mode="after")
+    def _selection_is_evaluated(self) -> "EvalConfig":
+        if self.select is None:
+            if self.stop_after_decline is not None:
+                raise ValueError("stop_after_decline needs select (the score whose decline stops the run)")
+            return self
+        metric, steps = parse_selection(self.select)
+        if metric not in self.metrics:
+            raise ValueError(f"select names {metric}, which eval.metrics ({', '.join(self.metrics)}) does not evaluate")
+        if steps not in self.steps:
+            raise ValueError(f"select names {steps} steps, which eval.steps ({self.steps}) does not evaluate")
+        return self
 
 
 class Preset(Section):
@@ -429,6 +501,7 @@ class Preset(Section):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _inference_time_shift(self) -> "Preset":

@@ -71,9 +71,10 @@ def discarded_on_failure(staging: Path) -> Iterator[None]:
 
 def finalize_checkpoint(
     staging: Path, iteration: int, manifest: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]],
-    keep: int | None = None,
+    keep: int | None = None, protect: set[str] | frozenset[str] = frozenset(),
 ) -> Path:
-    """Write `tensors` (file stem -> state dict) and the manifest into `staging`, then rename it into place."""
+    """Write `tensors` (file stem -> state dict) and the manifest into `staging`, then rename it into place;
+    then keep the `keep` newest checkpoints and those named in `protect` (the best one)."""
     final = staging.parent / checkpoint_name(iteration)
     with discarded_on_failure(staging):
         files = {}
@@ -93,7 +94,7 @@ def finalize_checkpoint(
         shutil.rmtree(final)
     staging.rename(final)
     if keep:
-        prune(staging.parent, keep)
+        prune(staging.parent, keep, protect)
     return final
 
 
@@ -115,9 +116,10 @@ def write_checkpoint(
     return finalize_checkpoint(staging, iteration, manifest, tensors, keep)
 
 
-def prune(root: Path, keep: int) -> None:
+def prune(root: Path, keep: int, protect: set[str] | frozenset[str] = frozenset()) -> None:
     for old in list_checkpoints(root.parent)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in protect:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -131,21 +133,33 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def find_checkpoint(run_dir: Path, which: str | int = "latest") -> Path:
-    """`latest` or an iteration number -> the checkpoint folder; UserError when there is none."""
+    """`latest`, `best` (RUN/best.json, kept by training's evaluation) or an iteration number -> the checkpoint
+    folder; UserError when there is none."""
     found = list_checkpoints(run_dir)
     if not found:
         raise UserError(f"no checkpoint in {run_dir}", "train first, or point at a run folder with checkpoints/")
     if str(which) == "latest":
         return found[-1]
+    if str(which) == "best":
+        which = best_iteration(run_dir)
     try:
         step = int(which)
     except ValueError as exc:
-        raise UserError(f"bad checkpoint '{which}'", "use 'latest' or an iteration number") from exc
+        raise UserError(f"bad checkpoint '{which}'", "use 'latest', 'best' or an iteration number") from exc
     for path in found:
         if int(path.name[len(PREFIX):]) == step:
             return path
     steps = ", ".join(p.name[len(PREFIX):].lstrip("0") or "0" for p in found)
     raise UserError(f"no checkpoint at step {step} in {run_dir}", f"available steps: {steps}")
+
+
+def best_iteration(run_dir: Path) -> int:
+    """The iteration of the run's best checkpoint, as RUN/best.json records it."""
+    path = Path(run_dir) / "best.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no best checkpoint (best.json)",
+                        "train with eval.enabled and eval.select set, or use --checkpoint latest")  # fmt: skip
+    return int(json.loads(path.read_text())["iteration"])
 
 
 def read_manifest(checkpoint: Path) -> dict[str, Any]:

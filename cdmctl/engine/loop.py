@@ -50,11 +50,20 @@ class Iterating(Protocol):
     def state(self) -> dict[str, int]: ...
 
 
+@dataclass
+class EvalOutcome:
+    """What an evaluation asks of the loop: a checkpoint of this iteration (a new best), or to stop after it."""
+
+    checkpoint: bool = False
+    stop: bool = False
+
+
 class Hooks(Protocol):
     def log(self, record: dict[str, Any]) -> None: ...
     def sample(self, iteration: int) -> None: ...
     def checkpoint(self, iteration: int) -> None: ...
     def stop_requested(self) -> bool: ...  # asked after every iteration: True = checkpoint here and return
+    # def evaluate(self, iteration: int) -> EvalOutcome: asked only when Schedule.eval_every > 0
 
 
 @dataclass
@@ -241,6 +250,7 @@ class Schedule:
     sample_every: int
     checkpoint_every: int
     max_nonfinite: int
+    eval_every: int = 0  # 0: no evaluation during training
 
 
 def due(iteration: int, every: int, total: int) -> bool:
@@ -283,11 +293,16 @@ def train(distiller: Iterating, schedule: Schedule, hooks: Hooks, batch_size: in
             window, tick, done_in_window = {}, time.perf_counter(), 0
         if due(c.iteration, schedule.sample_every, schedule.total):
             hooks.sample(c.iteration)
-        owed = owed or due(c.iteration, schedule.checkpoint_every, schedule.total)
+        outcome = EvalOutcome()
+        if schedule.eval_every and due(c.iteration, schedule.eval_every, schedule.total):
+            outcome = hooks.evaluate(c.iteration)  # a new best is checkpointed at once, so that it can be kept
+        owed = owed or outcome.checkpoint or outcome.stop or due(c.iteration, schedule.checkpoint_every, schedule.total)
         checkpointed = owed and checkpoint_allowed(c, c.iteration == schedule.total)
         if checkpointed:
             hooks.checkpoint(c.iteration)
             owed = False
+        if outcome.stop:
+            break
         if hooks.stop_requested():
             if not checkpointed and checkpoint_allowed(c, final=False):
                 hooks.checkpoint(c.iteration)

@@ -1,5 +1,6 @@
-"""The proving grounds as a cdmctl plugin: `builtin:toy-sd3`, `builtin:toy-sd3-coupled` and the demo's before/after
-report."""
+"""The proving grounds as a cdmctl plugin: `builtin:toy-sd3`, `builtin:toy-sd3-coupled`, the demo's before/after
+report and the ground-truth metrics (precision, coverage, mmd2, adherence) that training's evaluation can use on the
+first toy teacher."""
 
 from __future__ import annotations
 
@@ -37,13 +38,47 @@ def before_after_report(run) -> str | None:
     return f"before/after figure written to {write_before_after(run)}"
 
 
+def check_ground_truth(preset, prompts: list[str]) -> None:
+    """The exact metrics need the first toy teacher (the scorer below knows its ground truth), its own prompts and
+    2 samples per prompt (MMD is pairwise)."""
+    from cdmctl.errors import UserError
+    from cdmctl.proving.groundtruth import GroundTruth
+
+    if preset.model.pretrained != "builtin:toy-sd3":
+        raise UserError("eval.metrics names a ground-truth metric (precision, coverage, mmd2, adherence), which only "
+                        "builtin:toy-sd3 has", "use an image metric such as clipscore or pickscore for this model")
+    unknown = sorted(set(prompts) - set(GroundTruth().prompts))
+    if unknown:
+        raise UserError(f"eval.prompts holds '{unknown[0]}', which the toy's ground truth does not know",
+                        "use eval.prompts: builtin:toy")  # fmt: skip
+    if preset.eval.samples_per_prompt < 2:
+        raise UserError("the ground-truth metrics need eval.samples_per_prompt >= 2", "set eval.samples_per_prompt: 8")
+
+
+def score_ground_truth(latents, prompts: list[str]) -> dict[str, float]:
+    """The exact metrics of final latents [N, C, h, w] of `prompts` [N] against the ground truth."""
+    import torch
+
+    from cdmctl.proving import metrics
+    from cdmctl.proving.groundtruth import GroundTruth
+
+    gt = GroundTruth()
+    index = {p: i for i, p in enumerate(gt.prompts)}
+    ref, ref_idx = metrics.reference_set(gt)
+    return metrics.score(gt, latents, torch.tensor([index[p] for p in prompts]), ref, ref_idx)
+
+
 def register() -> None:
     """Entry point `cdmctl.plugins: proving` (pyproject.toml)."""
     from cdmctl.backbones import register_builtin
     from cdmctl.plugins import register_run_report
 
     from cdmctl.proving.grounds import GROUNDS
+    from cdmctl.trainingeval import LatentMetrics, register_latent_metrics
 
     for name in GROUNDS:
         register_builtin(name, builder(name))
     register_run_report(before_after_report)
+    # the names and directions only: importing cdmctl.proving.metrics would import torch at plugin load
+    directions = {"precision": True, "coverage": True, "mmd2": False, "adherence": True}
+    register_latent_metrics(LatentMetrics(directions, check_ground_truth, score_ground_truth))
