@@ -281,7 +281,7 @@ def plot(report: dict, path: Path) -> Path | None:
         return None
     s, floor = report["summary"], report["noise_floor"]
     metrics = ("precision", "coverage", "mmd2")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 5))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 8))
     cmap = plt.get_cmap("tab10")
     xs = list(range(len(STEPS)))  # evenly spaced step counts 1, 2, 4, 8 (a log2 axis)
     for ax, metric in zip(axes, metrics):
@@ -305,9 +305,10 @@ def plot(report: dict, path: Path) -> Path | None:
         ax.set_xlabel("sampling steps")
         ax.set_title(METRIC_LABELS[metric])
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()  # below the panels: inside one it hides the curves
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4)
     fig.suptitle(f"Proving ground: {report['settings']['seeds']} seeds x {report['settings']['iterations']} iterations")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.3, 1, 1))
     fig.savefig(path, dpi=110)
     return path
 
