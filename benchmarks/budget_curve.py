@@ -76,25 +76,25 @@ def cumulative_cost(metrics_file: Path) -> dict[int, float]:
 
 def sampling_choices(preset) -> dict[str, bool]:
     """label -> time_shift: the preset's own sampling levels first, then the other choice."""
-    own = getattr(preset.inference, "time_shift", True)
+    own = bool(preset.inference.time_shift)
     return {"own": own, "other": not own}
 
 
 def score_student(job: dict, preset, checkpoint: Path, context) -> dict:
-    from cdmctl.config.schema import SAMPLERS
+    from cdmctl.config.schema import sampling_of
     from cdmctl.engine.checkpoint import load_weights
     from cdmctl.proving import evaluate
 
     backbone, gt, cond, null = context
     backbone.transformer.load_state_dict(load_weights(checkpoint, "ema" if preset.optim.ema else "student"))
-    sampler = SAMPLERS[preset.method.family]
+    sampler, rule, _ = sampling_of(preset.model_dump(mode="json"))  # TBCM: sCM's sampler on TrigFlow levels
     out = {}
     for label, shift in sampling_choices(preset).items():
         if sampler != "euler" and label == "other":
-            continue  # TBCM students sample on TrigFlow levels: no shift to choose
+            continue  # TBCM students sample on the authors' unshifted TrigFlow levels: no shift to choose
         scores = evaluate.evaluate(backbone, backbone.transformer, gt, cond, null, STEPS, preset.model.resolution,
                                    per_prompt=job["per_prompt"], seed=job["eval_seed"], sampler=sampler,
-                                   time_shift=shift)  # fmt: skip
+                                   time_shift=shift, rule=rule)  # fmt: skip
         out[label] = {str(k): v for k, v in scores.items()}
     return out
 
