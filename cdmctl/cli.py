@@ -70,21 +70,26 @@ def distill(
     if dry_run:
         _print_yaml(resolved.model_dump(mode="json"))
         return
-    from cdmctl.run import RunInterrupted
-    from cdmctl.run import distill as run_distill
+    from cdmctl.runfolder import opened_run, run_folder
 
-    try:
-        result = run_distill(resolved, out=out, resume=resume, live=live, checkpoint=checkpoint)
-    except RunInterrupted as stop:
-        if stop.main_process:
-            err_console.print(interrupted_line(stop, preset, set_ or []), soft_wrap=True, highlight=False, markup=False)
-        raise typer.Exit(EXIT_SIGNAL.get(stop.signal_name, 130)) from None
+    # every refusal the command and preset allow comes here, before torch, diffusers or the model load
+    with opened_run(resolved, run_folder(resolved, out), resume, checkpoint) as start:
+        from cdmctl.run import RunInterrupted, train_opened
+
+        try:
+            result = train_opened(resolved, start, live)
+        except RunInterrupted as stop:
+            if stop.main_process:
+                err_console.print(interrupted_line(stop, preset, set_ or []), soft_wrap=True, highlight=False,
+                                  markup=False)  # fmt: skip
+            raise typer.Exit(EXIT_SIGNAL.get(stop.signal_name, 130)) from None
     if not result.main_process:
         return
     console.print(f"[bold green]done[/] {result.iterations} iterations")
     for label, path in (("run folder", result.folder), ("checkpoint", result.checkpoint),
                         ("metrics", result.metrics), ("samples", result.samples)):
-        console.print(f"  {label:<11} {path}", soft_wrap=True, highlight=False, markup=False)
+        if path is not None:  # a resume with nothing left to do drew no samples
+            console.print(f"  {label:<11} {path}", soft_wrap=True, highlight=False, markup=False)
 
 
 @app.command()
@@ -138,8 +143,8 @@ def generate(
         Optional[str], typer.Option(help="Unshifted schedule overriding --steps, e.g. 1,0.75,0.5,0.25.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image k gets seed + k.")] = 0,
-    num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Images per pipeline call (does not change the images).")] = 4,
+    num_images: Annotated[int, typer.Option("--num-images", "-n", min=1, help="Images per prompt.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per pipeline call (does not change the images).")] = 4,
     height: Annotated[Optional[int], typer.Option(help="Image height (default: the training resolution).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Image width (default: the training resolution).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu, ... (default: cuda if available).")] = None,
@@ -157,14 +162,15 @@ def generate(
     ] = None,
 ) -> None:
     """Sample a few-step student: PNGs with their settings in the metadata, plus a contact sheet."""
-    from cdmctl.generate import check_device, check_steps, expand, parse_sigmas
-    from cdmctl.generate import generate as run_generate
     from cdmctl.outputs import check_not_file
     from cdmctl.prompts import load_prompts
 
     check_not_file(out)
+    texts = list(prompt or []) + (load_prompts(prompts) if prompts else [])  # refused before torch loads
 
-    texts = list(prompt or []) + (load_prompts(prompts) if prompts else [])
+    from cdmctl.generate import check_device, check_steps, expand, parse_sigmas
+    from cdmctl.generate import generate as run_generate
+
     expand(texts, seed, num_images)  # no prompts, bad --num-images: refused before any library loads
     levels, steps, device = parse_sigmas(sigmas), check_steps(steps), check_device(device)
     _quiet_libraries()
@@ -194,10 +200,10 @@ def eval_(
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: the student's own).")] = None,
     sigmas: Annotated[Optional[str], typer.Option(help="Unshifted schedule, e.g. 1,0.75,0.5,0.25 (instead of --steps).")] = None,
     seed: Annotated[int, typer.Option(help="Base seed: image j of prompt i uses seed + i * num-per-prompt + j.")] = 0,
-    num_per_prompt: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
-    limit: Annotated[Optional[int], typer.Option(help="Use only the first N prompts.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Generation batch size (images do not depend on it).")] = 4,
-    score_batch_size: Annotated[int, typer.Option(help="Scoring batch size.")] = 8,
+    num_per_prompt: Annotated[int, typer.Option(min=1, help="Images per prompt.")] = 1,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N prompts.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Generation batch size (images do not depend on it).")] = 4,
+    score_batch_size: Annotated[int, typer.Option(min=1, help="Scoring batch size.")] = 8,
     height: Annotated[Optional[int], typer.Option(help="Image height (default: the student's resolution).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Image width (default: the student's resolution).")] = None,
     checkpoint: Annotated[str, typer.Option(help="For a run folder: checkpoint step or 'latest'.")] = "latest",
