@@ -100,6 +100,21 @@ def test_an_edited_manifest_is_a_damaged_checkpoint_not_a_changed_command(tiny_s
     assert not (run / "checkpoints" / "step-0000004").exists()
 
 
+# ----------------------------------------------------------------------------- 3. one streak per network
+
+
+def test_a_fake_teacher_whose_every_update_is_non_finite_stops_the_run_and_is_named(tiny_sd3_dir, tmp_path):
+    # the student's finite update every 2nd iteration used to reset the one shared streak: the run never stopped
+    out = tmp_path / "run"
+    args = with_sets(distill_args(tiny_sd3_dir, out, 8), method__ttur_ratio=2, train__max_nonfinite=3)
+    result = cdmctl(*args, fault="nan@cdmctl.engine.step:fake_loss:1")
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    assert last.startswith("training stopped: the fake teacher's last 3 updates were non-finite (skipped), at iteration 3")
+    assert not ckpt.list_checkpoints(out)  # due at 2, inside the streak: never written
+
+
 # ----------------------------------------------------------------------------- 5. refusals before the model loads
 
 BAD_STARTS = {
