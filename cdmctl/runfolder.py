@@ -56,11 +56,15 @@ class RunLock:
             if self._still_linked(handle):
                 break
             handle.close()  # its holder removed the file as we opened it: lock the one now at the path
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
         self.handle = handle
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+        except BaseException:  # a full disk: no lock file left behind
+            self.release()
+            raise
         return self
 
     def _still_linked(self, handle) -> bool:
@@ -301,15 +305,17 @@ def opened_run(preset: "Preset", folder: Path, resume: bool, checkpoint: str = "
     """Check the command and preset, lock and claim the run folder, find the checkpoint to continue from: every
     refusal here comes in about a second (no torch, no model). The main process alone writes and holds the lock.
     A start that fails before the run writes anything leaves no lock, preset.yaml or marker behind."""
-    from cdmctl.outputs import check_not_file
+    from cdmctl.outputs import check_not_file, reporting_disk_full
     from cdmctl.startchecks import check_inputs
 
     check_not_file(folder)  # the lock's mkdir would fail on it with a traceback
     strategy = check_inputs(preset)
     main = is_main_launch_process()
-    claim = Claim(folder) if main else None
-    lock = RunLock(folder).acquire() if main else None  # one writer per run folder
+    claim, lock = (Claim(folder), RunLock(folder)) if main else (None, None)  # one writer per run folder
     try:
+        if lock is not None:
+            with reporting_disk_full(folder):
+                lock.acquire()
         start, notes = start_point(folder, resume, checkpoint)
         if start is not None:
             check_resumable(start, preset)

@@ -115,6 +115,28 @@ def test_a_fake_teacher_whose_every_update_is_non_finite_stops_the_run_and_is_na
     assert not ckpt.list_checkpoints(out)  # due at 2, inside the streak: never written
 
 
+# ----------------------------------------------------------------------------- 4. a full disk
+
+
+def test_a_full_disk_at_the_start_is_one_line_and_leaves_nothing(tiny_sd3_dir, tmp_path, small_fs):
+    fs = small_fs("1m")
+    fill(fs)
+    result = cdmctl(*distill_args(tiny_sd3_dir, fs / "run", 2))
+    assert_disk_full(result, fs / "run")
+    assert "tmpfs" in result.stderr and sorted(p.name for p in fs.iterdir()) == ["filler"]
+
+
+def test_a_full_disk_under_the_embedding_cache_names_that_disk_and_leaves_no_half_written_shard(tiny_sd3_dir, tmp_path,
+                                                                                                small_fs):  # fmt: skip
+    fs = small_fs("64k")  # the run folder is elsewhere; the cache's first shard does not fit here
+    result = cdmctl(*with_sets(distill_args(tiny_sd3_dir, tmp_path / "run", 2), data__embedding_cache=fs,
+                               data__cache_shard_mb=1))  # fmt: skip
+    assert_disk_full(result, fs)
+    assert "tmpfs" in result.stderr
+    assert not [p for p in fs.rglob("*") if ".tmp-" in p.name]  # no half-written shard, hash or layout
+    assert not (tmp_path / "run").exists()  # the start failed before the run wrote anything
+
+
 # ----------------------------------------------------------------------------- 5. refusals before the model loads
 
 BAD_STARTS = {
