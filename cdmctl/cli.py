@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import shlex
 import sys
 from contextlib import contextmanager
@@ -83,6 +84,12 @@ def distill(
                 err_console.print(interrupted_line(stop, preset, set_ or []), soft_wrap=True, highlight=False,
                                   markup=False)  # fmt: skip
             raise typer.Exit(EXIT_SIGNAL.get(stop.signal_name, 130)) from None
+        except Exception as exc:
+            line = rank_failure_line(exc, start.folder, preset, set_ or [])
+            if line is None:
+                raise
+            err_console.print(line, soft_wrap=True, highlight=False, markup=False)
+            raise typer.Exit(1) from None
     if not result.main_process:
         return
     console.print(f"[bold green]done[/] {result.iterations} iterations")
@@ -328,6 +335,33 @@ def interrupted_line(stop, preset: str, overrides: list[str]) -> str:
     if stop.checkpoint is None:
         return f"{head}: no checkpoint yet, nothing to resume; start again with: {shlex.join(command[:-1])} NEW_DIR"
     return f"{head}: last checkpoint {stop.checkpoint}; resume with: {shlex.join([*command, '--resume'])}"
+
+
+def rank_failure_line(exc: Exception, folder, preset: str, overrides: list[str]) -> str | None:
+    """Several processes: one line saying which rank failed, or that this one stopped because another did, and how
+    to resume (None on one process, and for errors the CLI reports anyway). A rank's own failure keeps its
+    traceback above the line: that is the bug to report."""
+    import os
+
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0")
+    if world == 1 or isinstance(exc, UserError) or isinstance(exc, click_classes("Exit")):
+        return None
+    from cdmctl.engine import checkpoint as ckpt
+    from cdmctl.parallel import lost_a_peer
+
+    existing = ckpt.list_checkpoints(folder)
+    command = ["cdmctl", "distill", "--preset", preset, *(a for o in overrides for a in ("--set", o)),
+               "--out", str(folder), "--resume"]  # fmt: skip
+    resume = (f"last checkpoint {existing[-1].name}; resume with the same launch and: {shlex.join(command)}"
+              if existing else "no checkpoint yet: start again")  # fmt: skip
+    if lost_a_peer(exc):
+        cause = re.sub(r"^\[[^\]]*\] ", "", " ".join(str(exc).split())).split(". ")[0][:160]  # gloo: "[file:line] ..."
+        return (f"error: rank {rank} of {world} stopped: another rank failed, was killed or stopped answering "
+                f"(its own error line, or the launcher's report, names it; here: {cause}); {resume}")
+    import traceback
+
+    traceback.print_exc()
+    return f"error: rank {rank} of {world} failed: {type(exc).__name__}: {exc}; the other ranks stop with it; {resume}"
 
 
 def _print_yaml(data: dict) -> None:
