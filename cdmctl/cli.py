@@ -77,19 +77,21 @@ def distill(
     with opened_run(resolved, run_folder(resolved, out), resume, checkpoint) as start:
         from cdmctl.run import RunInterrupted, train_opened
 
-        try:
-            result = train_opened(resolved, start, live)
-        except RunInterrupted as stop:
-            if stop.main_process:
-                err_console.print(interrupted_line(stop, preset, set_ or []), soft_wrap=True, highlight=False,
-                                  markup=False)  # fmt: skip
-            raise typer.Exit(EXIT_SIGNAL.get(stop.signal_name, 130)) from None
-        except Exception as exc:
-            line = rank_failure_line(exc, start.folder, preset, set_ or [])
-            if line is None:
-                raise
-            err_console.print(line, soft_wrap=True, highlight=False, markup=False)
-            raise typer.Exit(1) from None
+        with sigterm_outlived_while_reporting() as reporting:
+            try:
+                result = train_opened(resolved, start, live)
+            except RunInterrupted as stop:
+                if stop.main_process:
+                    err_console.print(interrupted_line(stop, preset, set_ or []), soft_wrap=True, highlight=False,
+                                      markup=False)  # fmt: skip
+                raise typer.Exit(EXIT_SIGNAL.get(stop.signal_name, 130)) from None
+            except Exception as exc:
+                reporting.append(True)
+                line = rank_failure_line(exc, start.folder, preset, set_ or [])
+                if line is None:
+                    raise
+                err_console.print(line, soft_wrap=True, highlight=False, markup=False)
+                raise typer.Exit(1) from None
     if not result.main_process:
         return
     console.print(f"[bold green]done[/] {result.iterations} iterations")
@@ -335,6 +337,28 @@ def interrupted_line(stop, preset: str, overrides: list[str]) -> str:
     if stop.checkpoint is None:
         return f"{head}: no checkpoint yet, nothing to resume; start again with: {shlex.join(command[:-1])} NEW_DIR"
     return f"{head}: last checkpoint {stop.checkpoint}; resume with: {shlex.join([*command, '--resume'])}"
+
+
+@contextmanager
+def sigterm_outlived_while_reporting():
+    """Several processes: when a rank fails, the launcher SIGTERMs the others at once, and a survivor must live long
+    enough to say why it stops. Yields a list: once something is appended (the failure is being reported), SIGTERM
+    waits; before, it ends the process as it always did (the run layer's own handling covers the training loop)."""
+    import os
+    import signal
+
+    reporting: list[bool] = []
+
+    def on_sigterm(signum, frame):
+        if not reporting:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield reporting
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def rank_failure_line(exc: Exception, folder, preset: str, overrides: list[str]) -> str | None:
