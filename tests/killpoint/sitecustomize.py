@@ -7,6 +7,7 @@
       kill    SIGKILL this process
       raise   raise RuntimeError("injected fault")
       enospc  raise OSError(ENOSPC), as a full disk does
+      hang    sleep for an hour (a rank that stops answering without dying)
       nan     call through, then multiply the first tensor of the result by nan (a loss gone non-finite)
 
 Python imports this module at start-up when its folder is on PYTHONPATH; nothing else ever puts it there.
@@ -16,6 +17,7 @@ import errno
 import importlib
 import os
 import signal
+import time
 
 
 def _poisoned(result):
@@ -41,6 +43,8 @@ def _arm(kind: str, spec: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if calls[0] == int(nth) and kind == "raise":
             raise RuntimeError(f"injected fault in {module_name}:{path}")
+        if calls[0] == int(nth) and kind == "hang":
+            time.sleep(3600)
         if calls[0] == int(nth) and kind == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         result = original(*args, **kwargs)
