@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import shlex
 import sys
 from contextlib import contextmanager
@@ -102,21 +103,34 @@ def distill(
     if dry_run:
         _print_yaml(resolved.model_dump(mode="json"))
         return
-    from cdmctl.run import RunInterrupted
-    from cdmctl.run import distill as run_distill
+    from cdmctl.runfolder import opened_run, run_folder
 
-    try:
-        result = run_distill(resolved, out=out, resume=resume, live=live, checkpoint=checkpoint)
-    except RunInterrupted as stop:
-        if stop.main_process:
-            err_console.print(interrupted_line(stop, preset, set_ or []), soft_wrap=True, highlight=False, markup=False)
-        raise typer.Exit(EXIT_SIGNAL.get(stop.signal_name, 130)) from None
+    # every refusal the command and preset allow comes here, before torch, diffusers or the model load
+    with opened_run(resolved, run_folder(resolved, out), resume, checkpoint) as start:
+        from cdmctl.run import RunInterrupted, train_opened
+
+        with sigterm_outlived_while_reporting() as reporting:
+            try:
+                result = train_opened(resolved, start, live)
+            except RunInterrupted as stop:
+                if stop.main_process:
+                    err_console.print(interrupted_line(stop, preset, set_ or []), soft_wrap=True, highlight=False,
+                                      markup=False)  # fmt: skip
+                raise typer.Exit(EXIT_SIGNAL.get(stop.signal_name, 130)) from None
+            except Exception as exc:
+                reporting.append(True)
+                line = rank_failure_line(exc, start.folder, preset, set_ or [])
+                if line is None:
+                    raise
+                err_console.print(line, soft_wrap=True, highlight=False, markup=False)
+                raise typer.Exit(1) from None
     if not result.main_process:
         return
     console.print(f"[bold green]done[/] {result.iterations} iterations")
     for label, path in (("run folder", result.folder), ("checkpoint", result.checkpoint),
                         ("metrics", result.metrics), ("samples", result.samples)):
-        console.print(f"  {label:<11} {path}", soft_wrap=True, highlight=False, markup=False)
+        if path is not None:  # a resume with nothing left to do drew no samples
+            console.print(f"  {label:<11} {path}", soft_wrap=True, highlight=False, markup=False)
 
 
 @app.command(epilog=examples(
@@ -178,8 +192,8 @@ def generate(
         Optional[str], typer.Option(help="Unshifted schedule overriding --steps, e.g. 1,0.75,0.5,0.25.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image k gets seed + k.")] = 0,
-    num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Images per pipeline call (does not change the images).")] = 4,
+    num_images: Annotated[int, typer.Option("--num-images", "-n", min=1, help="Images per prompt.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per pipeline call (does not change the images).")] = 4,
     height: Annotated[Optional[int], typer.Option(help="Image height (default: the training resolution).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Image width (default: the training resolution).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu, ... (default: cuda if available).")] = None,
@@ -200,8 +214,6 @@ def generate(
     shift: Annotated[Optional[float], typer.Option(help=SHIFT_HELP + " With --compare-teacher: the teacher's.")] = None,
 ) -> None:
     """Sample a few-step student: PNGs with their settings in the metadata, plus a contact sheet."""
-    from cdmctl.generate import check_device, check_steps, expand, parse_sigmas
-    from cdmctl.generate import generate as run_generate
     from cdmctl.outputs import check_not_file
     from cdmctl.prompts import load_prompts
     from cdmctl.samplers import check_sampler, check_shift
@@ -210,8 +222,11 @@ def generate(
     check_sampler(scheduler), check_shift(shift)
     if (scheduler is not None or shift is not None) and not compare_teacher:
         raise UserError("--scheduler and --shift choose the teacher's sampler", "add --compare-teacher")
+    texts = list(prompt or []) + (load_prompts(prompts) if prompts else [])  # refused before torch loads
 
-    texts = list(prompt or []) + (load_prompts(prompts) if prompts else [])
+    from cdmctl.generate import check_device, check_steps, expand, parse_sigmas
+    from cdmctl.generate import generate as run_generate
+
     expand(texts, seed, num_images)  # no prompts, bad --num-images: refused before any library loads
     levels, steps, device = parse_sigmas(sigmas), check_steps(steps), check_device(device)
     _quiet_libraries()
@@ -245,10 +260,10 @@ def eval_(
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: the student's own).")] = None,
     sigmas: Annotated[Optional[str], typer.Option(help="Unshifted schedule, e.g. 1,0.75,0.5,0.25 (instead of --steps).")] = None,
     seed: Annotated[int, typer.Option(help="Base seed: image j of prompt i uses seed + i * num-per-prompt + j.")] = 0,
-    num_per_prompt: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
-    limit: Annotated[Optional[int], typer.Option(help="Use only the first N prompts.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Generation batch size (images do not depend on it).")] = 4,
-    score_batch_size: Annotated[int, typer.Option(help="Scoring batch size.")] = 8,
+    num_per_prompt: Annotated[int, typer.Option(min=1, help="Images per prompt.")] = 1,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N prompts.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Generation batch size (images do not depend on it).")] = 4,
+    score_batch_size: Annotated[int, typer.Option(min=1, help="Scoring batch size.")] = 8,
     height: Annotated[Optional[int], typer.Option(help="Image height (default: the student's resolution).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Image width (default: the student's resolution).")] = None,
     checkpoint: Annotated[str, typer.Option(help="For a run folder: checkpoint step, 'latest' or 'best'.")] = "latest",
@@ -424,6 +439,55 @@ def interrupted_line(stop, preset: str, overrides: list[str]) -> str:
     if stop.checkpoint is None:
         return f"{head}: no checkpoint yet, nothing to resume; start again with: {shlex.join(command[:-1])} NEW_DIR"
     return f"{head}: last checkpoint {stop.checkpoint}; resume with: {shlex.join([*command, '--resume'])}"
+
+
+@contextmanager
+def sigterm_outlived_while_reporting():
+    """Several processes: when a rank fails, the launcher SIGTERMs the others at once, and a survivor must live long
+    enough to say why it stops. Yields a list: once something is appended (the failure is being reported), SIGTERM
+    waits; before, it ends the process as it always did (the run layer's own handling covers the training loop)."""
+    import os
+    import signal
+
+    reporting: list[bool] = []
+
+    def on_sigterm(signum, frame):
+        if not reporting:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield reporting
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def rank_failure_line(exc: Exception, folder, preset: str, overrides: list[str]) -> str | None:
+    """Several processes: one line saying which rank failed, or that this one stopped because another did, and how
+    to resume (None on one process, and for errors the CLI reports anyway). A rank's own failure keeps its
+    traceback above the line: that is the bug to report."""
+    import os
+
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0")
+    if world == 1 or isinstance(exc, UserError) or isinstance(exc, click_classes("Exit")):
+        return None
+    from cdmctl.engine import checkpoint as ckpt
+    from cdmctl.parallel import lost_a_peer
+
+    existing = ckpt.list_checkpoints(folder)
+    command = ["cdmctl", "distill", "--preset", preset, *(a for o in overrides for a in ("--set", o)),
+               "--out", str(folder), "--resume"]  # fmt: skip
+    resume = (f"last checkpoint {existing[-1].name}; resume with the same launch and: {shlex.join(command)}"
+              if existing else "no checkpoint yet: start again")  # fmt: skip
+    if lost_a_peer(exc):
+        cause = re.sub(r"^\[[^\]]*\] ", "", " ".join(str(exc).split())).split(". ")[0][:160]  # gloo: "[file:line] ..."
+        return (f"error: rank {rank} of {world} stopped: another rank failed, was killed or stopped answering "
+                f"(its own error line, or the launcher's report, names it; here: {cause}); {resume}")
+    import traceback
+
+    traceback.print_exc()
+    return f"error: rank {rank} of {world} failed: {type(exc).__name__}: {exc}; the other ranks stop with it; {resume}"
 
 
 def _print_yaml(data: dict) -> None:

@@ -9,7 +9,10 @@ are ~545 GB; a shard is ~256 MiB).
 
 Building: rank r encodes shards r, r + W, ... into `ROOT/.KEY.partial/` (each shard written batch by batch into its
 file under a temporary name and renamed, with its hash beside it: a killed build keeps its finished shards), then
-rank 0 writes the index and renames the folder into place. Opening verifies every file's hash, each rank its share.
+rank 0 writes the index and renames the folder into place. One run builds a key at a time (an flock on
+`ROOT/.KEY.lock`, held by its rank 0): a second run building the same prompts waits, then uses the finished cache.
+Opening verifies every file's hash, each rank its share; damaged or missing files are encoded again. A full disk
+is one error naming the cache's disk, with no half-written shard left behind.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -154,9 +158,13 @@ class ShardWriter:
         blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
         self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self.file = open(self.tmp, "wb")
-        self.file.write(len(blob).to_bytes(8, "little") + blob)
-        self.data_start = 8 + len(blob)
-        self.file.truncate(self.data_start + start)
+        try:
+            self.file.write(len(blob).to_bytes(8, "little") + blob)
+            self.data_start = 8 + len(blob)
+            self.file.truncate(self.data_start + start)
+        except BaseException:
+            self.discard()
+            raise
 
     def write(self, first_row: int, cond: Conditioning) -> None:
         for name, t in cond.tensors.items():
@@ -164,20 +172,50 @@ class ShardWriter:
             self.file.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().data)
 
     def close(self) -> str:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        except BaseException:
+            self.discard()
+            raise
         os.replace(self.tmp, self.path)
         digest = sha256_file(self.path)
-        sidecar(self.path).write_text(digest)
+        write_text_atomic(sidecar(self.path), digest)
         return digest
+
+    def discard(self) -> None:
+        """A write that failed (a full disk, most often) leaves no half-written shard taking the space."""
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_rows(path: Path, like: Conditioning, rows: int, batches) -> str:
+    """A shard from `batches` ((first row, Conditioning) pairs, encoded as they are asked for); returns its hash."""
+    writer = ShardWriter(path, like, rows)
+    try:
+        for first, cond in batches:
+            writer.write(first, cond)
+    except BaseException:
+        writer.discard()
+        raise
+    return writer.close()
 
 
 def write_atomic(path: Path, cond: Conditioning) -> str:
     """A small Conditioning (e.g. the empty prompt's) as one complete shard file; returns its hash."""
-    writer = ShardWriter(path, cond.index(slice(0, 1)), len(cond))
-    writer.write(0, cond)
-    return writer.close()
+    return write_rows(path, cond.index(slice(0, 1)), len(cond), [(0, cond)])
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A small file that is either whole or absent: a full disk must not leave an empty hash or layout."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def sidecar(path: Path) -> Path:
@@ -197,19 +235,78 @@ def open_or_build(
     shard_mb: float = 256.0,
     batch_size: int = 32,
 ) -> tuple[EmbeddingCache, bool]:
-    """The cache for `fields` (model, text settings, prompts digest), verified; built first if missing (every rank
-    calls this; each encodes its share). Returns (cache, whether this call encoded anything)."""
+    """The cache for `fields` (model, text settings, prompts digest), verified; built first if missing, damaged files
+    encoded again (every rank calls this; each encodes its share). Returns (cache, whether this call encoded
+    anything). A full disk raises DiskFull naming the cache's disk."""
+    from cdmctl.outputs import reporting_disk_full
+
     folder = Path(root) / cache_key(fields)
     built = False
-    if not (folder / INDEX).is_file():
+    with reporting_disk_full(folder.parent):
+        for attempt in range(2):
+            if not (folder / INDEX).is_file():
+                built = build_once(folder, fields, prompts, encode, ranks, shard_mb, batch_size) or built
+            problem = verify(folder, ranks)
+            if problem is None:
+                return EmbeddingCache(folder), built
+            if attempt:
+                raise UserError(f"the embedding cache {folder} is still damaged after encoding it again ({problem})",
+                                f"check the disk under {folder.parent}, delete {folder} and run again")  # fmt: skip
+            reopen_for_repair(folder, ranks)
+    raise AssertionError("unreachable")
+
+
+def build_once(folder: Path, fields: dict[str, Any], prompts: Sequence[str], encode, ranks: Ranks, shard_mb: float,
+               batch_size: int) -> bool:  # fmt: skip
+    """Build under the key's lock; False when another run finished it while this one waited."""
+    with build_lock(folder, ranks):
+        if (folder / INDEX).is_file():  # the same on every rank: the lock holder's barrier came after it looked
+            return False
         staging = build_shards(folder, prompts, encode, ranks, shard_mb, batch_size)
         ranks.barrier()
         if ranks.rank == 0:
             finalize(staging, folder, fields, len(prompts))
         ranks.barrier()
-        built = True
-    verify(folder, ranks)
-    return EmbeddingCache(folder), built
+    return True
+
+
+@contextmanager
+def build_lock(folder: Path, ranks: Ranks) -> Iterator[None]:
+    """Rank 0 holds an flock on ROOT/.KEY.lock while its run builds (or repairs) KEY; every rank waits for it. A
+    second run building the same key at once waits for the first, then finds the cache complete."""
+    import fcntl
+
+    handle = None
+    if ranks.rank == 0:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(folder.parent / f".{folder.name}.lock", "a")
+        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks while another run builds this key
+    try:
+        ranks.barrier()
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def reopen_for_repair(folder: Path, ranks: Ranks) -> None:
+    """Turn a complete cache with damaged files back into a build in progress: its intact shards count as finished
+    (their hashes from the index become sidecars), so only the damaged ones are encoded again."""
+    with build_lock(folder, ranks):
+        if ranks.rank == 0 and (folder / INDEX).is_file():
+            index = json.loads((folder / INDEX).read_text())
+            for name, digest in index["sha256"].items():
+                path = folder / name
+                if path.is_file() and sha256_file(path) == digest:
+                    write_text_atomic(sidecar(path), digest)
+                else:
+                    path.unlink(missing_ok=True)
+            write_text_atomic(folder / "layout.json", json.dumps({"rows_per_shard": index["rows_per_shard"]}))
+            staging = folder.parent / f".{folder.name}.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            (folder / INDEX).unlink()
+            folder.rename(staging)
+        ranks.barrier()
 
 
 def build_shards(folder: Path, prompts: Sequence[str], encode: Callable[[list[str]], Conditioning], ranks: Ranks,
@@ -226,10 +323,8 @@ def build_shards(folder: Path, prompts: Sequence[str], encode: Callable[[list[st
         if path.is_file() and sidecar(path).is_file():
             continue  # left by an interrupted build, complete
         block = list(prompts[shard * rows : (shard + 1) * rows])
-        writer = ShardWriter(path, null, len(block))
-        for start in range(0, len(block), batch_size):
-            writer.write(start, encode(block[start : start + batch_size]))
-        writer.close()
+        batches = ((start, encode(block[start : start + batch_size])) for start in range(0, len(block), batch_size))
+        write_rows(path, null, len(block), batches)
     return staging
 
 
@@ -239,7 +334,7 @@ def shard_rows(staging: Path, null: Conditioning, shard_mb: float) -> int:
     if layout.is_file():
         return int(json.loads(layout.read_text())["rows_per_shard"])
     rows = max(1, int(shard_mb * 2**20 // max(row_bytes(null), 1)))
-    layout.write_text(json.dumps({"rows_per_shard": rows}))  # every rank writes the same
+    write_text_atomic(layout, json.dumps({"rows_per_shard": rows}))  # every rank writes the same
     return rows
 
 
@@ -263,8 +358,8 @@ def finalize(staging: Path, folder: Path, fields: dict[str, Any], count: int) ->
     staging.rename(folder)
 
 
-def verify(folder: Path, ranks: Ranks) -> None:
-    """Every file against its hash in the index, each rank its share; a damaged cache stops every rank."""
+def verify(folder: Path, ranks: Ranks) -> str | None:
+    """Every file against its hash in the index, each rank its share; what is wrong (on every rank), or None."""
     index = json.loads((folder / INDEX).read_text())
     names = sorted(index["sha256"])
     problem = None
@@ -277,5 +372,5 @@ def verify(folder: Path, ranks: Ranks) -> None:
         if problem:
             break
     if ranks.any_true(problem is not None):
-        raise UserError(f"the embedding cache {folder} is damaged ({problem or 'found by another rank'})",
-                        f"delete {folder}; the next run encodes the prompts again")  # fmt: skip
+        return problem or "found by another rank"
+    return None

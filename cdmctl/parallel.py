@@ -96,11 +96,34 @@ def build_accelerator(preset: Any, folder: Path, strategy: str, trackers: list[s
     mixed = mixed_precision(preset.model.precision)
     plugin = fsdp2_plugin(mixed) if strategy == FSDP2 else None
     project = ProjectConfiguration(project_dir=str(folder), logging_dir=str(Path(folder) / "trackers"))
-    acc = Accelerator(cpu=cpu, mixed_precision=mixed, fsdp_plugin=plugin, project_config=project,
-                      log_with=trackers or None)  # fmt: skip
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed, fsdp_plugin=plugin, kwargs_handlers=[collective_timeout(preset)],
+                      project_config=project, log_with=trackers or None)  # fmt: skip
     if plugin is not None and not acc.is_fsdp2:
         enable_fsdp2_on_cpu(acc, plugin)
     return acc
+
+
+def collective_timeout(preset: Any) -> Any:
+    """parallel.timeout_s for every collective: a rank whose peer hangs or died stops after it, never waits on."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=timedelta(seconds=preset.parallel.timeout_s))
+
+
+LOST_PEER = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "timeout",
+             "nccl", "gloo", "watchdog")  # fmt: skip
+
+
+def lost_a_peer(exc: BaseException) -> bool:
+    """A collective failed because another process died, hung or raised (gloo/NCCL say so in a RuntimeError or
+    torch's DistError), as opposed to this process's own failure."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc).lower() for marker in LOST_PEER)
 
 
 def enable_fsdp2_on_cpu(acc: Any, plugin: Any) -> None:

@@ -27,20 +27,16 @@ from cdmctl.engine.tbcm import TBCMDistiller
 from cdmctl.engine.trigflow import LogVarHead, consistency_sample
 from cdmctl.errors import UserError
 from cdmctl.networks import adamw, build_networks, forward_context, lora_key
-from cdmctl.parallel import (FSDP2, SINGLE, build_accelerator, check_supported, effective_strategy, grad_clipper,
-                             mixed_precision, place_teacher, prepare_networks, prepare_trained, wrap_blocks)
+from cdmctl.parallel import (FSDP2, build_accelerator, effective_strategy, grad_clipper, mixed_precision,
+                             place_teacher, prepare_networks, prepare_trained, wrap_blocks)
 from cdmctl.plugins import RUN_REPORTS, register_run_report  # noqa: F401 (plugins register reports; a cheap import)
 from cdmctl.prompts import load_prompts, prompt_file_sha256
 from cdmctl.quiet import quiet_libraries
-from cdmctl.runfolder import trim_metrics
+from cdmctl.runfolder import run_folder, trim_metrics
 
 if TYPE_CHECKING:
     from cdmctl.embedcache import EmbeddingCache, Ranks
-
-# fields a resumed run may change (the prompt cache's place and layout do not change what is trained)
-# (parallel.*: check_layout refuses what the checkpoint's layout cannot be resumed with)
-RESUMABLE_CHANGES = {"train.iterations", "run", "parallel", "data.embedding_cache", "data.cache_shard_mb",
-                     "data.encode_batch_size"}
+    from cdmctl.runfolder import Start
 
 
 @dataclass
@@ -102,10 +98,6 @@ class SilentDashboard:
 
     def note(self, text: str) -> None:
         pass
-
-
-def run_folder(preset: Preset, out: str | None) -> Path:
-    return Path(out or preset.run.output_dir.format(preset=preset.name))
 
 
 class LivePrompts:
@@ -202,76 +194,6 @@ class SampleGrid:
             final = simulate(velocity, self.noise, self.levels, last, keep_final=True).final
         module.train(was_training)
         return self.backbone.decode(final)
-
-
-def preset_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two resolved presets."""
-    keys = sorted(set(old) | set(new))
-    diffs = []
-    for key in keys:
-        dotted = f"{prefix}{key}"
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += preset_differences(a, b, f"{dotted}.")
-        elif a != b:
-            diffs.append(dotted)
-    return diffs
-
-
-def with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
-    """A stored preset with the fields added since it was written at their defaults (which keep the old behaviour),
-    so that an upgrade does not refuse a resume; as stored if this version no longer reads it."""
-    from pydantic import ValidationError
-
-    try:
-        return Preset.model_validate(stored).model_dump(mode="json")
-    except ValidationError:
-        return stored
-
-
-def check_resumable(checkpoint: Path, preset: Preset) -> None:
-    from cdmctl.runfolder import stored_preset
-
-    stored = with_defaults(stored_preset(checkpoint))  # what the weights were trained with, not preset.yaml
-    current = preset.model_dump(mode="json")
-    changed = [
-        d for d in preset_differences(stored, current) if not any(d.startswith(p) for p in RESUMABLE_CHANGES)
-    ]
-    if changed:
-        raise UserError(
-            f"cannot resume {checkpoint.parent.parent}: the preset differs in {', '.join(changed)}",
-            "resume with the run's own preset (only train.iterations, run.*, parallel.* and the embedding cache's "
-            "place and layout may change), or start a new run",
-        )
-
-
-def check_prompts_unchanged(checkpoint: Path, preset: Preset) -> None:
-    """The same path is not the same prompts: refuse a resume over a prompt file edited since the checkpoint.
-    Checkpoints from before the hash was recorded (and builtin lists) resume unchecked."""
-    stored = ckpt.read_manifest(checkpoint).get("prompts_sha256")
-    if stored is None:
-        return
-    if prompt_file_sha256(preset.data.prompts) != stored:
-        raise UserError(
-            f"cannot resume {checkpoint.parent.parent}: the prompt file {preset.data.prompts} changed since "
-            f"checkpoint {checkpoint.name} (sha256 {stored[:12]}...)",
-            "restore the file as it was, or start a new run with --out NEW_DIR",
-        )
-
-
-def check_layout(checkpoint: Path, strategy: str) -> None:
-    """A sharded (FSDP2) state resumes only under FSDP2 (on any number of processes: it is re-sharded), a whole one
-    (one process or DDP, on any number) only without it."""
-    stored = (ckpt.read_manifest(checkpoint).get("parallel") or {}).get("strategy", SINGLE)
-    then, now = stored == FSDP2, strategy == FSDP2
-    if then and not now:
-        raise UserError(f"cannot resume {checkpoint.parent.parent}: checkpoint {checkpoint.name} is sharded (FSDP2) "
-                        f"and this launch is {strategy}", "resume with parallel.strategy fsdp2 on 2 or more processes (any "
-                        "number: it is re-sharded); export works from it on one process")  # fmt: skip
-    if now and not then:
-        raise UserError(f"cannot resume {checkpoint.parent.parent}: checkpoint {checkpoint.name} holds whole tensors "
-                        f"({stored}), which FSDP2 does not load", "resume it with parallel.strategy ddp (any number "
-                        "of processes), or start a new FSDP2 run")  # fmt: skip
 
 
 class RunHooks:
@@ -561,7 +483,7 @@ class DistillRun:
 
     def restore(self, checkpoint: Path) -> None:
         """Weights, optimizer states, EMA and counters exactly as they were saved. `checkpoint` comes from
-        `prepare_folder`, which already checked every one of its files against the manifest."""
+        `runfolder.opened_run`, which already checked every one of its files against the manifest."""
         self.accelerator.load_state(str(checkpoint / "state"))  # FSDP2: re-sharded onto this world size
         if self.ema is not None:
             # read tensor by tensor (each rank keeps its part), never the whole file at once; verified with the rest
@@ -599,28 +521,6 @@ def write_run_reports(run: "DistillRun", dashboard) -> None:
             dashboard.note(line)
 
 
-def prepare_folder(preset: Preset, folder: Path, resume: bool, checkpoint: str = "latest") -> tuple[Path | None, list[str]]:
-    """Check the run folder; return the checkpoint to resume from (None: a fresh run) and notes for the user."""
-    from cdmctl.runfolder import start_point
-    from cdmctl.runlog import write_preset
-
-    from cdmctl.trackers import resolve_trackers
-    from cdmctl.trainingeval import check_eval
-
-    strategy = effective_strategy(preset.parallel.strategy)  # a launch that cannot work stops here, in a second
-    check_supported(preset, strategy)
-    resolve_trackers(preset.run.trackers, preset.run.optional_trackers)  # unknown or not installed: refused now
-    start, notes = start_point(folder, resume, checkpoint)
-    if start is not None:
-        check_resumable(start, preset)
-        check_prompts_unchanged(start, preset)
-        check_layout(start, strategy)
-    check_eval(preset)  # after the folder's own refusals, which need no library (the metric registry loads plugins)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_preset(folder, preset.model_dump(mode="json"))
-    return start, notes
-
-
 def distill(preset: Preset, out: str | None = None, resume: bool = False, live: bool | None = None,
             checkpoint: str = "latest") -> RunResult:
     """Train a student as the preset says; returns where its checkpoint, log and last grid are.
@@ -629,20 +529,16 @@ def distill(preset: Preset, out: str | None = None, resume: bool = False, live: 
     writes a run folder at a time (a lock). Raises RunInterrupted on Ctrl-C (at once) or SIGTERM (after
     checkpointing the current iteration).
     """
-    from cdmctl.outputs import check_not_file
-    from cdmctl.runfolder import RunLock, is_main_launch_process
+    from cdmctl.runfolder import opened_run
 
-    folder = run_folder(preset, out)
-    check_not_file(folder)  # the lock's mkdir would fail on it with a traceback
-    lock = RunLock(folder).acquire() if is_main_launch_process() else None  # one writer per run folder
-    try:
-        # the folder's refusals come before the libraries load (seconds)
-        start_from, notes = prepare_folder(preset, folder, resume, checkpoint)
-        quiet_libraries()
-        return train_until_done_or_stopped(preset, folder, start_from, notes, live)
-    finally:
-        if lock is not None:
-            lock.release()
+    with opened_run(preset, run_folder(preset, out), resume, checkpoint) as start:
+        return train_opened(preset, start, live)
+
+
+def train_opened(preset: Preset, start: "Start", live: bool | None) -> RunResult:
+    """Train in a run folder `runfolder.opened_run` checked, locked and claimed."""
+    quiet_libraries()
+    return train_until_done_or_stopped(preset, start.folder, start.checkpoint, start.notes, live)
 
 
 def train_until_done_or_stopped(preset: Preset, folder: Path, start_from: Path | None, notes: list[str],
@@ -669,7 +565,8 @@ def train_until_done_or_stopped(preset: Preset, folder: Path, start_from: Path |
         raise interrupted(stop.received or "signal", run, folder)
     main = run.accelerator.is_main_process
     end_processes(run.accelerator)
-    return RunResult(folder, hooks.last_checkpoint, folder / "metrics.jsonl", hooks.last_grid,
+    # a resume with nothing left to do wrote no checkpoint: the one it started from is the run's last
+    return RunResult(folder, hooks.last_checkpoint or start_from, folder / "metrics.jsonl", hooks.last_grid,
                      run.distiller.counters.iteration, main)
 
 

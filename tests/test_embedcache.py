@@ -77,18 +77,21 @@ def test_an_interrupted_build_keeps_its_finished_shards(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["flip", "delete"])
-def test_a_damaged_cache_is_refused_with_the_fix(tmp_path, damage):
+def test_a_damaged_cache_shard_is_detected_and_encoded_again_alone(tmp_path, damage):
     cache, _ = open_or_build(tmp_path, FIELDS, PROMPTS, Encoder(), shard_mb=SHARD_MB)
     shard = cache.folder / shard_name(2)
+    good = shard.read_bytes()
     if damage == "flip":
-        data = bytearray(shard.read_bytes())
+        data = bytearray(good)
         data[-1] ^= 0xFF
         shard.write_bytes(bytes(data))
     else:
         shard.unlink()
-    with pytest.raises(UserError, match=f"{shard_name(2)}") as exc:
-        open_or_build(tmp_path, FIELDS, PROMPTS, Encoder(), shard_mb=SHARD_MB)
-    assert str(cache.folder) in exc.value.fix
+    enc = Encoder()
+    again, built = open_or_build(tmp_path, FIELDS, PROMPTS, enc, shard_mb=SHARD_MB)
+    assert built and enc.prompts_seen == 1 + 5  # the empty prompt and shard 2's five prompts, nothing else
+    assert shard.read_bytes() == good and again.folder == cache.folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([cache.folder.name, f".{cache.folder.name}.lock"])
 
 
 def test_a_cache_opened_reads_rows_without_loading_shards(tmp_path):

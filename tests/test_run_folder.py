@@ -134,7 +134,8 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path, tiny_sd3_dir):
 def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, tiny_sd3_dir, resume):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text(json.dumps({"iteration": 1}) + "\n")  # what a killed run leaves
+    (run / ".cdmctl-run").write_text("{}\n")  # what a killed run leaves: its marker, its log
+    (run / "metrics.jsonl").write_text(json.dumps({"iteration": 1}) + "\n")
     result = cdmctl(*distill_args(tiny_sd3_dir, run, 2), *(["--resume"] if resume else []))
     assert result.returncode == 0, result.stderr
     assert "starting it from the beginning" in result.stdout + result.stderr
@@ -169,6 +170,8 @@ def test_a_checkpoint_from_before_a_new_preset_field_resumes(finished_run, tmp_p
     manifest = ckpt.read_manifest(last)
     for field in ("checkpoint_every", "frozen_precision"):  # as written by 0.x, before these existed
         del manifest["preset"]["model"][field]
+    manifest.update(format=2)  # nor did the manifest's own hash (format 3)
+    del manifest[ckpt.BODY_HASH]
     (last / "manifest.json").write_text(json.dumps(manifest))
     result = cdmctl(*distill_args(tiny_sd3_dir, run, 6), "--resume")
     assert result.returncode == 0, result.stderr

@@ -387,6 +387,13 @@ class ParallelConfig(Section):
         description="fsdp2 only: the frozen teacher sharded like the others (least memory; each of its calls gathers "
         "its weights) or a full bf16 copy on every rank (no communication for its calls, if it fits).",
     )
+    timeout_s: int = Field(
+        600, ge=10,
+        description="Several processes: how long a rank waits in one collective (a gradient reduce, a barrier) for "
+        "the others before it stops with an error. Bounds how long the survivors of a hung or lost rank wait when "
+        "no launcher stops them (torchrun and accelerate launch stop them at once). Raise it if the prompt cache is "
+        "built while another run builds the same one.",
+    )
 
 
 class InferenceConfig(Section):

@@ -17,14 +17,15 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, Callable, Iterator
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from cdmctl.errors import UserError
 
-FORMAT = 2  # 2: sha256 of every file, keyed by its path in the folder (1: only student/ema, keyed by name)
+if TYPE_CHECKING:  # torch and safetensors load when tensors are written or read: the run folder's checks need neither
+    import torch
+
+FORMAT = 3  # 3: + the manifest's own hash; 2: sha256 of every file, keyed by its path (1: only student/ema, by name)
+BODY_HASH = "manifest_sha256"  # sha256 of the manifest without this key: counters and preset are covered too
 PREFIX = "step-"
 
 
@@ -51,6 +52,8 @@ def hash_tree(folder: Path) -> dict[str, str]:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
 
 
@@ -89,6 +92,7 @@ def finalize_checkpoint(
             "files": files,
             "sha256": hash_tree(staging),
         }
+        manifest[BODY_HASH] = body_hash(manifest)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if final.exists():  # a re-run of the same iteration replaces it only once the new one is complete
         shutil.rmtree(final)
@@ -162,8 +166,15 @@ def best_iteration(run_dir: Path) -> int:
     return int(json.loads(path.read_text())["iteration"])
 
 
+def body_hash(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's content (its own hash left out), independent of key order and indentation."""
+    body = {k: v for k, v in manifest.items() if k != BODY_HASH}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_manifest(checkpoint: Path) -> dict[str, Any]:
-    """The manifest, checked for form (not the file hashes: `verify_checkpoint`); DamagedCheckpoint if unreadable."""
+    """The manifest, checked for form and against its own hash (not the files': `verify_checkpoint`);
+    DamagedCheckpoint if it is unreadable or was changed after it was written."""
     path = Path(checkpoint) / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
@@ -172,6 +183,11 @@ def read_manifest(checkpoint: Path) -> dict[str, Any]:
     missing = [k for k in ("files", "sha256", "iteration") if not isinstance(manifest, dict) or k not in manifest]
     if missing:
         raise DamagedCheckpoint(f"{path} lacks {', '.join(missing)}", "use another checkpoint")
+    # an edited counter or preset would resume silently into other weights; formats before 3 carry no such hash
+    if manifest.get("format", 1) >= 3 and manifest.get(BODY_HASH) != body_hash(manifest):
+        raise DamagedCheckpoint(f"checkpoint {Path(checkpoint).name}: its manifest.json was changed after it was "
+                                "written (it does not match its own hash)", "use another checkpoint (--checkpoint N), "
+                                "or restore the file; cdmctl never edits a written manifest")  # fmt: skip
     return manifest
 
 
@@ -234,6 +250,8 @@ def load_weights(checkpoint: Path, which: str = "student", verify: bool = True) 
     digest = manifest["sha256"].get(rel, manifest["sha256"].get(which))  # format 2 keys by path, 1 by name
     if verify and (not path.is_file() or sha256_of(path) != digest):
         raise UserError(f"{path} does not match its manifest hash (corrupt copy?)", "use another checkpoint")
+    from safetensors.torch import load_file
+
     return load_file(str(path))
 
 

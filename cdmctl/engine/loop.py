@@ -37,7 +37,21 @@ class Counters:
     student_step: int = 0
     fake_step: int = 0
     nonfinite: int = 0
-    nonfinite_streak: int = 0
+    nonfinite_streak: int = 0  # the longer of the two below
+    # skipped updates in a row, per network: one network's finite updates must not hide the other's divergence
+    student_streak: int = 0
+    fake_streak: int = 0
+
+    def count_update(self, network: str, finite: bool) -> None:
+        """One update of `network` ('student' or 'fake'): finite ends its streak, non-finite lengthens it."""
+        streak = 0 if finite else getattr(self, f"{network}_streak") + 1
+        setattr(self, f"{network}_streak", streak)
+        self.nonfinite += 0 if finite else 1
+        self.nonfinite_streak = max(self.student_streak, self.fake_streak)
+
+    def diverging(self) -> str:
+        """The network whose streak is the longer one, as the user knows it."""
+        return "student" if self.student_streak >= self.fake_streak else "fake teacher"
 
 
 class Iterating(Protocol):
@@ -87,15 +101,15 @@ def all_ranks_agree(accelerator: Any, flag: torch.Tensor) -> bool:
 def optimizer_step(accelerator: Any, counters: Counters, loss: torch.Tensor, optimizer, modules: list,
                    lr: float | list[float], grad_clip: float,
                    clip: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None,
-                   ) -> float | None:  # fmt: skip
+                   network: str = "student") -> float | None:  # fmt: skip
     """Backward, clip the trainable parameters of `modules`, step; a non-finite loss or gradient skips the step
     (counted in `counters`). The parameters are looked up after the backward: FSDP2 registers the unsharded
     tensors of a root module during forward and its sharded ones (which hold the gradients) after backward.
 
     `optimizer` is one optimizer or a list (one backward, one clip over all their modules, every one stepped);
     `lr` is every optimizer's learning rate, or one per optimizer. `clip(parameters, max_norm)` returns the norm
-    over all ranks (accelerate's by default; the run layer passes a sharding-aware one). Returns the clipped
-    norm, None if skipped.
+    over all ranks (accelerate's by default; the run layer passes a sharding-aware one). `network` ('student' or
+    'fake') is whose non-finite streak a skipped step lengthens. Returns the clipped norm, None if skipped.
     """
     optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     rates = lr if isinstance(lr, list) else [lr] * len(optimizers)
@@ -116,8 +130,7 @@ def optimizer_step(accelerator: Any, counters: Counters, loss: torch.Tensor, opt
             (opt.optimizer if scaled else opt).step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    counters.nonfinite_streak = 0 if finite else counters.nonfinite_streak + 1
-    counters.nonfinite += 0 if finite else 1
+    counters.count_update(network, finite)
     return float(norm) if finite else None
 
 
@@ -206,7 +219,7 @@ class Distiller:
         self.roles.train_mode(student=True, fake=False)
         loss, stats = self.student_loss(batch, traj, draws)
         lr = warmup_lr(self.optim.student_lr, self.counters.student_step, self.optim.warmup_steps)
-        norm = self.apply(loss, self.student_opt, self.roles.student_module, lr)
+        norm = self.apply(loss, self.student_opt, self.roles.student_module, lr, "student")
         if norm is not None:
             self.counters.student_step += 1
             if self.ema is not None:
@@ -218,17 +231,18 @@ class Distiller:
         self.roles.train_mode(student=False, fake=True)
         loss, stats = fake_loss(self.roles, self.method, batch, traj, draws, self.cost)
         lr = warmup_lr(self.optim.fake_lr, self.counters.fake_step, self.optim.warmup_steps)
-        norm = self.apply(loss, self.fake_opt, self.roles.fake_module, lr)
+        norm = self.apply(loss, self.fake_opt, self.roles.fake_module, lr, "fake")
         if norm is not None:
             self.counters.fake_step += 1
             self.roles.merge_student_into_fake(self.method.merge_decay)
             stats.update({"grad_norm/fake": norm, "lr/fake": lr})
         return stats
 
-    def apply(self, loss: torch.Tensor, optimizer, module, lr: float) -> float | None:
-        """Backward, clip, step; a non-finite loss or gradient skips the step (counted). Returns the norm."""
+    def apply(self, loss: torch.Tensor, optimizer, module, lr: float, network: str = "student") -> float | None:
+        """Backward, clip, step; a non-finite loss or gradient skips the step (counted for `network`). Returns the
+        norm."""
         return optimizer_step(self.accelerator, self.counters, loss, optimizer, [module], lr, self.optim.grad_clip,
-                              self.clip)  # fmt: skip
+                              self.clip, network)  # fmt: skip
 
     def all_ranks_agree(self, flag: torch.Tensor) -> bool:
         return all_ranks_agree(self.accelerator, flag)
@@ -237,7 +251,9 @@ class Distiller:
         return asdict(self.counters)
 
     def load_state(self, counters: dict[str, int]) -> None:
-        self.counters = Counters(**{k: counters[k] for k in asdict(Counters())})
+        # checkpoints from before the per-network streaks were kept: none running (a checkpoint is never written
+        # inside a streak but at the end)
+        self.counters = Counters(**{k: counters.get(k, 0) for k in asdict(Counters())})
         self.cycle = None  # recomputed from the cycle's first iteration
 
 
@@ -284,8 +300,9 @@ def train(distiller: Iterating, schedule: Schedule, hooks: Hooks, batch_size: in
         c = distiller.counters
         if c.nonfinite_streak >= schedule.max_nonfinite:
             raise TrainingDiverged(
-                f"{c.nonfinite_streak} non-finite updates in a row at iteration {c.iteration}: stopping without "
-                "writing a checkpoint; lower the learning rates or use fp32/bf16 instead of fp16"
+                f"the {c.diverging()}'s last {c.nonfinite_streak} updates were non-finite (skipped), at iteration "
+                f"{c.iteration}: stopping without writing a checkpoint; lower its learning rate or use fp32/bf16 "
+                "instead of fp16"
             )
         if due(c.iteration, schedule.log_every, schedule.total):
             elapsed = time.perf_counter() - tick

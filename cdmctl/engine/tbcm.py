@@ -201,4 +201,4 @@ class TBCMDistiller:
         return asdict(self.counters)
 
     def load_state(self, counters: dict[str, int]) -> None:
-        self.counters = Counters(**{k: counters[k] for k in asdict(Counters())})
+        self.counters = Counters(**{k: counters.get(k, 0) for k in asdict(Counters())})  # older: no streak fields
