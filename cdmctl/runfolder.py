@@ -300,7 +300,6 @@ class Start:
     notes: list[str]
 
 
-@contextmanager
 def check_observability(preset: "Preset") -> None:
     """Trackers (unknown or not installed) and the `eval` section refused before any model loads; after the
     folder's own refusals, which need no library (the metric registry loads plugins)."""
@@ -311,6 +310,7 @@ def check_observability(preset: "Preset") -> None:
     check_eval(preset)
 
 
+@contextmanager
 def opened_run(preset: "Preset", folder: Path, resume: bool, checkpoint: str = "latest") -> Iterator[Start]:
     """Check the command and preset, lock and claim the run folder, find the checkpoint to continue from: every
     refusal here comes in about a second (no torch, no model). The main process alone writes and holds the lock.
