@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +58,7 @@ class _Crossing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, boundary: "MetaBoundary", spec: Any, anchor: torch.Tensor, *flat: Any):
         args, kwargs = tree_unflatten(list(flat), spec)
-        with torch.enable_grad():
+        with torch.enable_grad(), GPUAttention():
             out = boundary.inner(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
         leaves, boundary.out_spec = tree_flatten(out)
         ctx.meta_out = leaves
@@ -82,13 +84,39 @@ class MetaBoundary(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = tree_flatten((args, kwargs))
         if not torch.is_grad_enabled():
-            with torch.no_grad():
+            with torch.no_grad(), GPUAttention():
                 out = self.inner(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
             return tree_map(lambda t: torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t, out)
         trains = any(p.requires_grad for p in self.inner.parameters())
         anchor = torch.zeros((), requires_grad=trains)  # the outputs need a gradient when the network trains
         leaves = _Crossing.apply(self, spec, anchor, *flat)
         return tree_unflatten(list(leaves), self.out_spec)
+
+
+class GPUAttention(TorchFunctionMode):
+    """scaled_dot_product_attention on meta as a CUDA run dispatches it (the memory-efficient kernel, which saves
+    q, k, v, the output and the log-sum-exp for backward), not the math path meta falls back to (which materialises
+    the [heads, tokens, tokens] attention matrix and would dominate both the saved bytes and the FLOP count)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask")
+        kwargs.update(zip(names, args))  # everything by name
+        q, k, v = (kwargs[n] for n in names[:3])
+        if not q.is_meta:
+            return func(**kwargs)
+        mask = kwargs.get("attn_mask")
+        if mask is not None and mask.dtype == torch.bool:  # shapes only: the additive form of the mask
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+        if kwargs.get("enable_gqa") and k.shape[-3] != q.shape[-3]:
+            k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], -3) for t in (k, v))
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]),
+            torch.is_grad_enabled() and q.requires_grad, kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False),
+            scale=kwargs.get("scale"))
+        return out[0]
 
 
 class ShapeBank:
@@ -189,6 +217,46 @@ def forward_flops(backbone: Any, module: nn.Module, latent: tuple[int, ...], sha
     return counter.get_total_flops()
 
 
+def activation_bytes(preset_name: str, overrides: tuple[str, ...] = ()) -> dict[str, float]:
+    """Bytes one sample leaves saved for backward in one forward of the trained network (weights excluded), in bf16
+    as under autocast: without gradient checkpointing, and with it (checkpointing every block: what stays is each
+    block's inputs, what is saved outside the blocks, and one block's own activations while it is recomputed)."""
+    preset, arch, backbone, latent, distiller = build_cycle(preset_name, 1, overrides)
+    module = copy.deepcopy(distiller.roles.student_module.inner).to(torch.bfloat16)
+    weights = {id(p) for p in module.parameters()}
+    blocks = [m for m in module.modules() if isinstance(m, tuple(backbone.block_classes()))]
+    saved = {"outside": 0}
+    inputs, current = [0], ["outside"]
+
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:  # a tensor saved by several operations counts once
+        if t.is_meta and not {id(t), id(t._base)} & (weights | seen):
+            seen.add(id(t))
+            saved[current[0]] = saved.get(current[0], 0) + t.numel() * t.element_size()
+        return t
+
+    def enter(block, args, kwargs):
+        current[0] = id(block)
+        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        inputs[0] += sum(t.numel() * t.element_size() for t in {id(t): t for t in leaves}.values())
+
+    hooks = [b.register_forward_pre_hook(enter, with_kwargs=True) for b in blocks]
+    hooks += [b.register_forward_hook(lambda *_: current.__setitem__(0, "outside")) for b in blocks]
+    if hasattr(module, "disable_gradient_checkpointing"):
+        module.disable_gradient_checkpointing()
+    bank = ShapeBank(arch.conditioning)
+    cond = bank.conditioning(torch.zeros(1, dtype=torch.long))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # the network's own (meta) tensors only
+        backbone.velocity(MetaBoundary(module), torch.zeros((1, *latent)), torch.full((1,), 0.5), cond)
+    for h in hooks:
+        h.remove()
+    per_block = [v for k, v in saved.items() if k != "outside"]
+    return {"no_checkpointing": float(sum(saved.values())),
+            "checkpointing": float(saved["outside"] + inputs[0] + max(per_block, default=0)),
+            "blocks": len(blocks)}  # fmt: skip
+
+
 def run_cycle(preset_name: str, batch: int = 2, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """One TTUR cycle (one student update) of the preset at its real size; its shapes, cost and FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -257,19 +325,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "real_size")
     args = p.parse_args(argv)
     rows, skipped = [], {}
+    command = "python benchmarks/real_size.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.presets or real_presets():
         try:
             rows.append(run_cycle(name, args.batch))
+            print(json.dumps(rows[-1]), flush=True)
         except ValueError as e:  # a method this harness cannot run (TBCM), said in the table
             skipped[name] = str(e)
-            continue
-        print(json.dumps(rows[-1]), flush=True)
-    command = "python benchmarks/real_size.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "skipped": skipped}, indent=1))
-    args.out.with_suffix(".md").write_text(report(rows, skipped, command.strip()))
+        # written after every preset: a long run keeps what it has measured
+        args.out.with_suffix(".json").write_text(json.dumps({"command": command.strip(), "rows": rows,
+                                                             "skipped": skipped}, indent=1))  # fmt: skip
+        args.out.with_suffix(".md").write_text(report(rows, skipped, command.strip()))
     print(report(rows, skipped, command.strip()))
-
 
 if __name__ == "__main__":
     main()
