@@ -267,7 +267,19 @@ def report(presets: list[str] | None = None, out: Path | None = None) -> None:
     parts: dict[str, dict] = {}
     acts: dict[tuple[str, str], dict] = {}
     names = presets or [n for n in real_presets() if n != "sd3-tbcm"]
-    mems = [preset_memory(name, parts, acts) for name in names]
+    mems: list[dict[str, Any]] = []
+    for name in names:  # written after every preset: a slow machine keeps what it has computed
+        mems.append(preset_memory(name, parts, acts))
+        text = memory_report(mems, parts, acts, presets)
+        if out is not None:
+            out.with_suffix(".md").write_text(text)
+            out.with_suffix(".json").write_text(json.dumps(
+                [{**m, "rows": {f"{k[0]}-{k[1]}": v for k, v in m["rows"].items()}} for m in mems], indent=1,
+                default=float))  # fmt: skip
+    print(text)
+
+
+def memory_report(mems: list[dict[str, Any]], parts: dict, acts: dict, presets: list[str] | None) -> str:
     lines = ["# Memory per GPU of every shipped preset at its real size", "",
              f"Command: `python benchmarks/scale_memory.py{' ' + ' '.join(presets) if presets else ''}` (CPU, no "
              "downloads; the networks are built on the meta device from cdmctl.backbones.architectures)", "",
@@ -284,12 +296,7 @@ def report(presets: list[str] | None = None, out: Path | None = None) -> None:
              "Measured peaks (`--measure` under torchrun on GPUs): "
              + ("; ".join(f"{r['model']} {r['train']} {r['strategy']} x{r['processes']}: {r['peak_gib']:.1f} GiB "
                           f"({r['device']})" for r in measured()) or "none yet")]  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if out is not None:
-        out.with_suffix(".md").write_text(text)
-        out.with_suffix(".json").write_text(json.dumps([{**m, "rows": {f"{k[0]}-{k[1]}": v for k, v in m["rows"].items()}}
-                                                        for m in mems], indent=1, default=float))  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def measure(args: argparse.Namespace) -> None:
