@@ -67,8 +67,9 @@ class _Crossing(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         pairs = [(o, g.to("meta")) for o, g in zip(ctx.meta_out, grads) if o.requires_grad and g is not None]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if pairs:  # checkpointed blocks recompute here: with the same attention kernel as their forward
+            with GPUAttention():
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         ctx.meta_out = None
         return (None, None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
 
