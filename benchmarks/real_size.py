@@ -27,6 +27,7 @@ Writes benchmarks/results/real_size.md and .json with the command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -37,7 +38,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ class _Crossing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, boundary: "MetaBoundary", spec: Any, anchor: torch.Tensor, *flat: Any):
         args, kwargs = tree_unflatten(list(flat), spec)
-        with torch.enable_grad(), GPUAttention():
+        with torch.enable_grad():
             out = boundary.inner(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
         leaves, boundary.out_spec = tree_flatten(out)
         ctx.meta_out = leaves
@@ -67,9 +67,8 @@ class _Crossing(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         pairs = [(o, g.to("meta")) for o, g in zip(ctx.meta_out, grads) if o.requires_grad and g is not None]
-        if pairs:  # checkpointed blocks recompute here: with the same attention kernel as their forward
-            with GPUAttention():
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         ctx.meta_out = None
         return (None, None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
 
@@ -85,7 +84,7 @@ class MetaBoundary(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = tree_flatten((args, kwargs))
         if not torch.is_grad_enabled():
-            with torch.no_grad(), GPUAttention():
+            with torch.no_grad():
                 out = self.inner(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
             return tree_map(lambda t: torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t, out)
         trains = any(p.requires_grad for p in self.inner.parameters())
@@ -94,30 +93,31 @@ class MetaBoundary(nn.Module):
         return tree_unflatten(list(leaves), self.out_spec)
 
 
-class GPUAttention(TorchFunctionMode):
+def efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                        enable_gqa=False, _torch_sdpa=F.scaled_dot_product_attention):
     """scaled_dot_product_attention on meta as a CUDA run dispatches it (the memory-efficient kernel, which saves
     q, k, v, the output and the log-sum-exp for backward), not the math path meta falls back to (which materialises
     the [heads, tokens, tokens] attention matrix and would dominate both the saved bytes and the FLOP count)."""
+    if not query.is_meta:
+        return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:  # shapes only: the additive form of the mask
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        key, value = (t.repeat_interleave(query.shape[-3] // t.shape[-3], -3) for t in (key, value))
+    bias = None if attn_mask is None else attn_mask.expand(*query.shape[:-1], key.shape[-2])
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, key, value, bias, torch.is_grad_enabled() and query.requires_grad, dropout_p, is_causal, scale=scale)[0]
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        names = ("query", "key", "value", "attn_mask")
-        kwargs.update(zip(names, args))  # everything by name
-        q, k, v = (kwargs[n] for n in names[:3])
-        if not q.is_meta:
-            return func(**kwargs)
-        mask = kwargs.get("attn_mask")
-        if mask is not None and mask.dtype == torch.bool:  # shapes only: the additive form of the mask
-            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
-        if kwargs.get("enable_gqa") and k.shape[-3] != q.shape[-3]:
-            k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], -3) for t in (k, v))
-        out = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]),
-            torch.is_grad_enabled() and q.requires_grad, kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False),
-            scale=kwargs.get("scale"))
-        return out[0]
+
+@contextlib.contextmanager
+def gpu_attention():
+    """`efficient_attention` in place of torch's for the block (process-wide, unlike a TorchFunctionMode, because
+    autograd recomputes checkpointed blocks on its own thread)."""
+    F.scaled_dot_product_attention = efficient_attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = efficient_attention.__defaults__[-1]
 
 
 class ShapeBank:
@@ -211,7 +211,7 @@ def forward_flops(backbone: Any, module: nn.Module, latent: tuple[int, ...], sha
 
     bank = ShapeBank(shapes)
     x, s = torch.zeros((1, *latent)), torch.full((1,), 0.5)
-    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(grad):
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(grad), gpu_attention():
         v = backbone.velocity(MetaBoundary(module), x, s, bank.conditioning(torch.zeros(1, dtype=torch.long)))
         if grad:
             v.float().square().mean().backward()
@@ -248,7 +248,7 @@ def activation_bytes(preset_name: str, overrides: tuple[str, ...] = ()) -> dict[
         module.disable_gradient_checkpointing()
     bank = ShapeBank(arch.conditioning)
     cond = bank.conditioning(torch.zeros(1, dtype=torch.long))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # the network's own (meta) tensors only
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), gpu_attention():  # the network's (meta) tensors
         backbone.velocity(MetaBoundary(module), torch.zeros((1, *latent)), torch.full((1,), 0.5), cond)
     for h in hooks:
         h.remove()
@@ -265,7 +265,7 @@ def run_cycle(preset_name: str, batch: int = 2, overrides: tuple[str, ...] = ())
     start = time.perf_counter()
     preset, arch, backbone, latent, distiller = build_cycle(preset_name, batch, overrides)
     iterations, cost, lengths = preset.method.ttur_ratio, {}, []
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, gpu_attention():
         for _ in range(iterations):
             stats = distiller.iteration()
             lengths.append(int(stats["level/n"]))
