@@ -1,10 +1,12 @@
-"""Per-GPU memory of a distillation run for SD3-Medium and LongCat-Image: DDP vs FSDP2, full vs LoRA, 1/8/16 GPUs.
+"""Per-GPU memory of every shipped preset at its real size: DDP vs FSDP2 at 1/2/4/8 GPUs, and where each fits.
 
-    python benchmarks/scale_memory.py                       # the computed table (CPU, seconds, no downloads)
+    python benchmarks/scale_memory.py                       # the computed tables (CPU, a few minutes, no downloads)
+    python benchmarks/scale_memory.py sd3-4nfe              # some presets
     torchrun --nproc_per_node 8 benchmarks/scale_memory.py --measure --strategy fsdp2 --train full   # on GPUs
 
-**Computed** (no GPU needed): every network is built on the `meta` device from its real config (below, with
-sources) and its parameters counted; the memory of each state is then what cdmctl keeps for it:
+**Computed** (no GPU needed): every network is built on the `meta` device from its real config
+(cdmctl.backbones.architectures, with sources) and its weights counted; the memory of each state is then what
+cdmctl keeps for it:
 
 - weights: student and fake teacher float32 masters, the frozen teacher in bf16 (full); LoRA: the frozen bf16
   base once under DDP (the three module trees share it), and per tree under FSDP2 (each tree is sharded on its
@@ -17,9 +19,11 @@ sources) and its parameters counted; the memory of each state is then what cdmct
 - communication: DDP's gradient buckets (a float32 copy of each trained network's gradients, allocated once);
   FSDP2's transient whole weights of two blocks in bf16 (the current one and the prefetched next), the root
   module's weights (not resharded after forward) and one block's whole float32 gradients before reduce-scatter.
-- not included: activations (they depend on batch and resolution; gradient checkpointing keeps one block's),
-  the CUDA context and allocator fragmentation (typically 1-3 GiB). The text encoders are listed apart: they run
-  only while the prompt-embedding cache is built, then are freed; the VAE stays (sample grids).
+- activations: one sample's tensors saved for backward in the student's forward, measured on the meta step
+  (benchmarks/real_size.py `activation_bytes`), times the samples per GPU of the student update;
+- CUDA context and allocator slack: a flat CONTEXT per GPU. The text encoders run only while the prompt-embedding
+  cache is built, then are freed; the VAE stays (sample grids). Host memory while loading: every rank loads the
+  whole pipeline in bf16 before moving it (today's loading), so a node holds it once per rank.
 
 **Measured** (`--measure`, under torchrun on GPUs): the real networks of the shape (random weights), prepared by
 cdmctl's own `parallel.prepare_networks`, one full TTUR cycle of the engine (two fake-teacher updates, one
@@ -46,89 +50,53 @@ MEASURED = ROOT / "benchmarks" / "results" / "scale_memory_measured.jsonl"
 GIB = 2**30
 LORA_RANK = 64  # the presets' default (model.lora.rank)
 
-# Configs, and where each value comes from:
-# - SD3-Medium transformer: stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json (also
-#   benchmarks/iteration_speed.py); text encoders: its text_encoder (CLIP ViT-L/14), text_encoder_2 (OpenCLIP
-#   ViT-bigG/14), text_encoder_3 (T5 v1.1 XXL encoder) config.json; VAE: vae/config.json (16 latent channels,
-#   no quant convs).
-# - LongCat-Image transformer: LongCatImageTransformer2DModel with num_layers 10, num_single_layers 20 and the
-#   class defaults otherwise (attention_head_dim 128, 24 heads, joint_attention_dim 3584, in_channels 64). The
-#   class defaults of diffusers 0.42.1 (19 / 38 blocks) are FLUX.1's, not LongCat's: 10 joint + 20 single blocks
-#   are what mflux's LongCat port and the model card describe (a "6B" model), and they give 6.27B parameters =
-#   12.54 GB in bf16, the size of the published transformer weights. Text encoder: Qwen2.5-VL-7B-Instruct
-#   (config.json of Qwen/Qwen2.5-VL-7B-Instruct); VAE: FLUX.1's AutoencoderKL (16 channels), as SD3's.
-SD3_TRANSFORMER = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
-                   "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
-                   "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192}  # fmt: skip
-LONGCAT_TRANSFORMER = {"num_layers": 10, "num_single_layers": 20}
-VAE_16 = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [128, 256, 512, 512],
-          "layers_per_block": 2, "down_block_types": ["DownEncoderBlock2D"] * 4,
-          "up_block_types": ["UpDecoderBlock2D"] * 4, "use_quant_conv": False, "use_post_quant_conv": False}  # fmt: skip
-SD3_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                    "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                    "ff_context.net.2"]  # fmt: skip  (cdmctl.backbones.sd3.SD3Backbone.lora_target_modules)
+CONTEXT = 1.5 * GIB  # CUDA context and allocator slack per GPU (not counted by the formula; typically 1-3 GiB)
+CARDS_GB = (24, 48, 80)
+GPUS = (1, 2, 4, 8)
 
 
 def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def sd3_parts() -> dict[str, Any]:
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from diffusers.models.attention import JointTransformerBlock
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+def arch_parts(name: str) -> dict[str, Any]:
+    """The networks of a real architecture (cdmctl.backbones.architectures, with its sources), built on meta."""
+    from cdmctl.backbones.architectures import ARCHITECTURES, build, meta_backbone, weight_count
 
-    with torch.device("meta"):
-        transformer = SD3Transformer2DModel(**SD3_TRANSFORMER)
-        text = [CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=768, intermediate_size=3072,
-                    num_hidden_layers=12, num_attention_heads=12, projection_dim=768, vocab_size=49408)),
-                CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
-                    num_hidden_layers=32, num_attention_heads=20, projection_dim=1280, vocab_size=49408)),
-                T5EncoderModel(T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
-                                        vocab_size=32128, feed_forward_proj="gated-gelu"))]  # fmt: skip
-        vae = AutoencoderKL(**VAE_16)
-    return {"transformer": transformer, "blocks": (JointTransformerBlock,), "targets": SD3_LORA_TARGETS,
-            "text": sum(map(count, text)), "vae": count(vae)}  # fmt: skip
+    arch = ARCHITECTURES[name]
+    backbone = meta_backbone(arch)
+    return {"transformer": backbone.transformer, "blocks": tuple(backbone.block_classes()),
+            "targets": backbone.lora_target_modules(),
+            "text": sum(weight_count(build(p)) for p in arch.text_encoders), "vae": weight_count(build(arch.vae))}
+
+
+def sd3_parts() -> dict[str, Any]:
+    return arch_parts("sd3-medium")
 
 
 def longcat_parts() -> dict[str, Any]:
-    from diffusers import AutoencoderKL
-    from diffusers.models.transformers.transformer_longcat_image import (
-        LongCatImageSingleTransformerBlock,
-        LongCatImageTransformer2DModel,
-        LongCatImageTransformerBlock,
-    )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    with torch.device("meta"):
-        transformer = LongCatImageTransformer2DModel(**LONGCAT_TRANSFORMER)
-        text = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-            text_config={"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                         "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064},
-            vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-                           "out_hidden_size": 3584}, tie_word_embeddings=False))  # fmt: skip
-        vae = AutoencoderKL(**VAE_16)
-    # LoRA targets: every linear layer inside the blocks (attention and feed-forward projections; the LongCat
-    # adapter's own list lives in its backbone, not on this branch)
-    return {"transformer": transformer, "blocks": (LongCatImageTransformerBlock, LongCatImageSingleTransformerBlock),
-            "targets": None, "text": count(text), "vae": count(vae)}  # fmt: skip
+    return arch_parts("longcat-image")
 
 
-def lora_params(transformer: torch.nn.Module, blocks: tuple[type, ...], targets: list[str] | None) -> int:
-    """r * (in + out) for every adapted linear layer."""
-    total = 0
-    for block in (m for m in transformer.modules() if isinstance(m, blocks)):
-        for name, layer in block.named_modules():
-            if isinstance(layer, torch.nn.Linear) and (targets is None or any(name == t for t in targets)):
-                total += LORA_RANK * (layer.in_features + layer.out_features)
-    return total
+def lora_params(transformer: torch.nn.Module, targets: list[str]) -> int:
+    """Parameters of a rank-LORA_RANK adapter on `targets`, as peft adds it (cdmctl.networks.add_lora)."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    module = inject_adapter_in_model(LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=targets),
+                                     copy.deepcopy(transformer))  # fmt: skip
+    return sum(p.numel() for n, p in module.named_parameters() if "lora_" in n)
 
 
 def shapes(parts: dict[str, Any]) -> dict[str, int]:
     t = parts["transformer"]
     blocks = [m for m in t.modules() if isinstance(m, parts["blocks"])]
     in_blocks = sum(map(count, blocks))
-    return {"P": count(t), "A": lora_params(t, parts["blocks"], parts["targets"]), "block": max(map(count, blocks)),
+    from cdmctl.backbones.architectures import weight_count
+
+    # P: trained values; buffers (SD3's fixed position table) are held by every copy but get no gradient or moments
+    return {"P": count(t), "buffers": weight_count(t) - count(t), "A": lora_params(t, parts["targets"]), "block": max(map(count, blocks)),
             "root": count(t) - in_blocks, "text": parts["text"], "vae": parts["vae"]}  # fmt: skip
 
 
@@ -143,6 +111,7 @@ def per_gpu(s: dict[str, int], train: str, strategy: str, n: int, teacher: str =
     else:
         base = 3 * 2 * P / shard if teacher == "shard" else 2 * P + 2 * 2 * P / shard
         weights = (2 * P if strategy != "fsdp2" else base) + 2 * 4 * A / shard
+    weights += s.get("buffers", 0) * (4 + 4 + 2 if train == "full" else 2)  # per copy; the LoRA trees share one
     out = {"weights": weights, "gradients": 4 * trained / shard, "optimizer": 2 * 8 * trained / shard,
            "ema": 4 * trained / shard}  # fmt: skip
     if strategy == "ddp" and n > 1:
@@ -178,7 +147,7 @@ def one_gpu(s: dict[str, int], fake: str | int, ema_on_gpu: bool, optimizer: str
     P = s["P"]
     fake_params = P if fake == "full" else s["A"] * fake / LORA_RANK  # adapters: r * (in + out) per layer
     moments = 8 if optimizer == "adamw" else 2
-    out = {"weights": 4 * P + 2 * P + 4 * fake_params, "gradients": 4 * P,
+    out = {"weights": 4 * P + 2 * P + 4 * fake_params + (10 if fake == "full" else 6) * s.get("buffers", 0), "gradients": 4 * P,
            "optimizer": moments * (P + fake_params), "ema": 4 * P if ema_on_gpu else 0.0,
            "step temporary": 4 * P if optimizer == "adamw" else 0.0}  # fmt: skip
     out["total"] = sum(out.values())
@@ -202,42 +171,132 @@ def measured() -> list[dict[str, Any]]:
     return [json.loads(line) for line in MEASURED.read_text().splitlines() if line.strip()]
 
 
-def table(models: dict[str, dict[str, int]]) -> list[str]:
-    found = measured()
-    lines = ["| model | train | strategy | GPUs | weights | gradients | optimizer | EMA | communication | total | "
-             "measured peak |", "|" + "---|" * 11]  # fmt: skip
-    for name, s in models.items():
-        for train in ("full", "lora"):
-            for strategy in ("ddp", "fsdp2"):
-                for n in (1, 8, 16):
-                    if strategy == "fsdp2" and n == 1:
-                        continue  # FSDP2 needs several processes (one GPU: the ddp row, which is plain training)
-                    m = per_gpu(s, train, strategy, n)
-                    peak = [f"{r['peak_gib']:.1f} GiB ({r['device']})" for r in found if
-                            (r["model"], r["train"], r["strategy"], r["processes"]) == (name, train, strategy, n)]
-                    cells = [f"{m[k] / GIB:.1f}" for k in ("weights", "gradients", "optimizer", "ema", "communication",
-                                                          "total")]  # fmt: skip
-                    label = "1 (no DDP)" if n == 1 else str(n)
-                    lines.append(f"| {name} | {train} | {strategy if n > 1 else '-'} | {label} | " + " | ".join(cells)
-                                 + f" | {'; '.join(peak) or 'not measured'} |")  # fmt: skip
+def student_rows(method: Any) -> int:
+    """Samples per prompt in the student's forward with gradient (engine.step.predict_student: [xt; xe] for CDM)."""
+    w = method.losses
+    main, cdm = bool(w.ca or w.dm or w.guided_dm), bool(w.cdm)
+    shared = main and cdm and method.cdm_perturbation == "none"
+    return int(main or shared) + int(cdm and not shared)
+
+
+def preset_memory(name: str, parts: dict[str, dict], acts: dict[tuple[str, str], dict]) -> dict[str, Any]:
+    """Per-GPU bytes of `name` at 1/2/4/8 GPUs under DDP and FSDP2, activations included."""
+    from real_size import activation_bytes
+
+    from cdmctl.backbones.architectures import for_model
+    from cdmctl.config.load import load_preset
+
+    preset = load_preset(name)
+    arch = for_model(preset.model.pretrained)
+    if arch.name not in parts:
+        parts[arch.name] = shapes(arch_parts(arch.name))
+    key = (arch.name, preset.model.train)
+    if key not in acts:  # one sample's saved activations, measured on the meta step (benchmarks/real_size.py)
+        acts[key] = activation_bytes(name)
+    s, act = parts[arch.name], acts[key]
+    per_sample = act["checkpointing" if preset.model.gradient_checkpointing else "no_checkpointing"]
+    rows, batch = {}, preset.train.batch_size
+    for strategy in ("ddp", "fsdp2"):
+        for n in GPUS:
+            if (strategy == "fsdp2" and n == 1) or batch % n:
+                continue
+            m = per_gpu(s, preset.model.train, strategy, n)
+            m["activations"] = per_sample * student_rows(preset.method) * batch / n
+            m["total"] += m["activations"] + CONTEXT
+            rows[(strategy, n)] = m
+    host = 2 * (s["P"] + s["text"] + s["vae"])  # every rank loads the whole pipeline in bf16 (cdmctl.backbones.loading)
+    return {"preset": name, "arch": arch.name, "train": preset.model.train, "batch": batch,
+            "resolution": preset.model.resolution, "rows": rows, "act": act, "per_sample": per_sample,
+            "student_rows": student_rows(preset.method), "host_per_rank": host, "params": s}  # fmt: skip
+
+
+def fits(mem: dict[str, Any], card_gb: float) -> str:
+    """The smallest setup (fewest GPUs, DDP before FSDP2) whose per-GPU total fits `card_gb`, with its flags; else the
+    largest global batch 8 GPUs under FSDP2 hold."""
+    for n in GPUS:
+        for strategy in ("ddp", "fsdp2"):
+            m = mem["rows"].get((strategy, n))
+            if m is not None and m["total"] <= card_gb * 1e9:
+                return f"{n} GPU" + (f"s, `parallel.strategy={strategy}`" if n > 1 else "")
+    m = mem["rows"][("fsdp2", 8)]
+    static = m["total"] - m["activations"]
+    per_prompt = mem["per_sample"] * mem["student_rows"]
+    room = int((card_gb * 1e9 - static) // per_prompt) if card_gb * 1e9 > static else 0
+    if room < 1:
+        return "not on 8 GPUs"
+    return f"8 GPUs, `parallel.strategy=fsdp2`, `train.batch_size={8 * room}`"
+
+
+def preset_table(mems: list[dict[str, Any]]) -> list[str]:
+    head = ["preset (train, global batch, px)", "transformer, LoRA adapter", "activations GiB/sample (ckpt / none)",
+            "host GiB per rank while loading", *(f"{c} GB cards" for c in CARDS_GB)]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in mems:
+        p = m["params"]
+        adapter = f", {p['A'] / 1e6:.0f}M" if m["train"] == "lora" else ""
+        lines.append(f"| {m['preset']} ({m['train']}, {m['batch']}, {m['resolution']}) | {p['P'] / 1e9:.2f}B{adapter} | "
+                     f"{m['act']['checkpointing'] / GIB:.2f} / {m['act']['no_checkpointing'] / GIB:.1f} | "
+                     f"{m['host_per_rank'] / GIB:.0f} | " + " | ".join(fits(m, c) for c in CARDS_GB) + " |")  # fmt: skip
     return lines
 
 
-def report() -> None:
-    models = {"SD3-Medium": shapes(sd3_parts()), "LongCat-Image": shapes(longcat_parts())}
-    for name, s in models.items():
-        print(f"{name}: transformer {s['P'] / 1e9:.3f}B parameters (largest block {s['block'] / 1e6:.1f}M, outside "
-              f"the blocks {s['root'] / 1e6:.1f}M), LoRA rank {LORA_RANK} adapter {s['A'] / 1e6:.1f}M; text encoders "
-              f"{s['text'] / 1e9:.2f}B = {2 * s['text'] / GIB:.1f} GiB in bf16 while the embedding cache is built, "
-              f"then freed; VAE {s['vae'] / 1e6:.1f}M = {2 * s['vae'] / GIB:.2f} GiB (stays)")  # fmt: skip
-    print("\nGiB per GPU (activations not included); FSDP2 with parallel.teacher shard. LoRA + FSDP2 with the "
-          "teacher replicated: add (1 - 1/N) x base bf16 to weights.\n")
-    print("\n".join(table(models)))
-    print(f"\nGiB at the optimizer step's peak on one GPU (48 GB = {48e9 / GIB:.1f} GiB; activations below it, see "
-          "SWITCHES; add the CUDA context, about 0.5-1 GiB):\n")
-    print("\n".join(one_gpu_table(models["SD3-Medium"])))
-    if not measured():
-        print("\nmeasured peak: none yet (no GPU on this machine); run with --measure under torchrun on GPUs")
+def per_gpu_table(mems: list[dict[str, Any]]) -> list[str]:
+    keys = ("weights", "gradients", "optimizer", "ema", "communication", "activations", "total")
+    lines = ["| preset | strategy | GPUs | batch/GPU | " + " | ".join(keys) + " |", "|" + "---|" * (4 + len(keys))]
+    for m in mems:
+        for (strategy, n), row in m["rows"].items():
+            lines.append(f"| {m['preset']} | {strategy if n > 1 else '-'} | {n} | {m['batch'] // n} | "
+                         + " | ".join(f"{row[k] / GIB:.1f}" for k in keys) + " |")  # fmt: skip
+    return lines
+
+
+def cross_check(parts: dict[str, dict], acts: dict) -> list[str]:
+    """The formula against the one measured peak: SD3-Medium full FT, batch 4, 1024 px, one H100: 72.5 GiB."""
+    step_peak = one_gpu(parts["sd3-medium"], "full", True, "adamw")["total"]
+    act = acts[("sd3-medium", "full")]["checkpointing"] * 2 * 4  # [xt; xe] of 4 prompts
+    return [f"**Cross-check** (SD3-Medium, full fine-tune, batch 4, 1024 px, one GPU): the optimizer-step peak by the "
+            f"formula (weights, gradients, AdamW moments, EMA, foreach temporary) is {step_peak / GIB:.1f} GiB; the "
+            f"student forward's activations ({act / GIB:.1f} GiB with checkpointing) live while the gradients and the "
+            f"temporary do not, so the peak stays the step's. Measured: 72.5 GiB on an H100 "
+            f"(benchmarks/results/iteration_speed.md), {72.5 - step_peak / GIB:+.1f} GiB from the formula."]
+
+
+def report(presets: list[str] | None = None, out: Path | None = None) -> None:
+    from real_size import real_presets
+
+    parts: dict[str, dict] = {}
+    acts: dict[tuple[str, str], dict] = {}
+    names = presets or [n for n in real_presets() if n != "sd3-tbcm"]
+    mems: list[dict[str, Any]] = []
+    for name in names:  # written after every preset: a slow machine keeps what it has computed
+        mems.append(preset_memory(name, parts, acts))
+        text = memory_report(mems, parts, acts, presets)
+        if out is not None:
+            out.with_suffix(".md").write_text(text)
+            out.with_suffix(".json").write_text(json.dumps(
+                [{**m, "rows": {f"{k[0]}-{k[1]}": v for k, v in m["rows"].items()}} for m in mems], indent=1,
+                default=float))  # fmt: skip
+    print(text)
+
+
+def memory_report(mems: list[dict[str, Any]], parts: dict, acts: dict, presets: list[str] | None) -> str:
+    lines = ["# Memory per GPU of every shipped preset at its real size", "",
+             f"Command: `python benchmarks/scale_memory.py{' ' + ' '.join(presets) if presets else ''}` (CPU, no "
+             "downloads; the networks are built on the meta device from cdmctl.backbones.architectures)", "",
+             "Per GPU: the states of the module docstring (bf16 frozen teacher, float32 trained copies and AdamW "
+             "moments, EMA on the GPU, FSDP2 with `parallel.teacher: shard`), plus the activations of the student's "
+             "forward with gradient at the preset's batch per GPU (one sample's saved tensors measured on the meta "
+             "step with the memory-efficient attention kernel, bf16, weights excluded; x2 for CDM's [xt; xe]), plus "
+             f"{CONTEXT / GIB:.1f} GiB of CUDA context. No gradient accumulation exists, so a preset's global batch "
+             "is split over the GPUs; where it does not fit 8 GPUs, the largest global batch that does is given.", "",
+             *preset_table(mems), "", "## Per GPU, GiB", "", *per_gpu_table(mems), "",
+             *(cross_check(parts, acts) if ("sd3-medium", "full") in acts else []), "",
+             "## SD3-Medium full fine-tune on one 48 GB GPU (optimizer-step peak)", "",
+             *one_gpu_table(parts.get("sd3-medium") or shapes(sd3_parts())), "",
+             "Measured peaks (`--measure` under torchrun on GPUs): "
+             + ("; ".join(f"{r['model']} {r['train']} {r['strategy']} x{r['processes']}: {r['peak_gib']:.1f} GiB "
+                          f"({r['device']})" for r in measured()) or "none yet")]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -300,8 +359,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", choices=["medium", "small"], default="medium", help="small: a CPU smoke run")
     p.add_argument("--batch", type=int, default=8, help="global batch")
     p.add_argument("--resolution", type=int, default=0)
+    p.add_argument("presets", nargs="*", help="computed table: these presets (default every real one)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale_memory")
     args = p.parse_args(argv)
-    measure(args) if args.measure else report()
+    measure(args) if args.measure else report(args.presets, args.out)
 
 
 if __name__ == "__main__":

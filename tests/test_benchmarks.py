@@ -72,3 +72,26 @@ def test_proving_ground_teacher_best_is_the_best_free_row_at_each_step_count():
     assert summary["teacher-best"]["4"]["precision"] == [0.81, 0.0]
     assert pg.free_name("euler", None) == "teacher-euler-shift6" and pg.free_name("unipc", 1.0) == "teacher-unipc"
     assert "teacher-best" not in pg.summarize(runs[:1] + runs[3:])  # no sampler rows: no best row
+
+
+def test_preset_memory_adds_the_activations_of_the_student_rows_per_gpu():
+    from cdmctl.config.load import load_preset
+
+    assert scale_memory.student_rows(load_preset("sd3-4nfe").method) == 2  # CDM: [xt; xe]
+    assert scale_memory.student_rows(load_preset("sd3-ddmd").method) == 1  # CA + DM at xt only
+    parts = {"sd3-medium": {"P": 10**9, "A": 10**7, "block": 10**7, "root": 10**6, "text": 10**9, "vae": 10**8,
+                            "buffers": 0}}  # fmt: skip
+    acts = {("sd3-medium", "full"): {"checkpointing": 1e8, "no_checkpointing": 1e9, "blocks": 24}}
+    mem = scale_memory.preset_memory("sd3-4nfe", parts, acts)
+    one = mem["rows"][("ddp", 1)]
+    assert one["activations"] == 1e8 * 2 * 128  # gradient checkpointing on: the checkpointed bytes, batch 128 on 1
+    assert mem["rows"][("fsdp2", 8)]["activations"] == 1e8 * 2 * 16
+    static = one["total"] - one["activations"]
+    assert static == scale_memory.per_gpu(parts["sd3-medium"], "full", "ddp", 1)["total"] + scale_memory.CONTEXT
+    assert mem["host_per_rank"] == 2 * (10**9 + 10**9 + 10**8)
+    # 8 GPUs under FSDP2 fit 80 GB here, and nothing smaller does at batch 128: the smallest setup is named
+    totals = {k: v["total"] / 1e9 for k, v in mem["rows"].items()}
+    smallest = min((n for (strategy, n), t in totals.items() if t <= 80), default=None)
+    assert scale_memory.fits(mem, 80).startswith(f"{smallest} GPU")
+    # a card too small for even one prompt per GPU says so
+    assert scale_memory.fits(mem, 1) == "not on 8 GPUs"

@@ -1,0 +1,51 @@
+"""Every shipped preset's training step at its real architecture and resolution, on the meta device, through
+distill's own Distiller (benchmarks/real_size.py): no shape error anywhere in one TTUR cycle, one student update, and
+FLOPs that follow from the architecture.
+
+Meta networks compute nothing, but every operation still goes through torch's Python reference kernels (about a
+millisecond each; one FLUX.2 [klein] forward is about a second), so the default run takes one preset, the smallest
+model (FLUX.2 [klein] 4B, full fine-tune, every network a full copy) at batch 1 with the training seed whose two drawn
+schedules have one step each (`train.seed=6`; the schedule's range is the preset's). Every real preset at its own
+seed and batch 2 is marked slow and run by `python benchmarks/real_size.py` (results in
+benchmarks/results/real_size.md).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import real_size  # noqa: E402
+
+FAST = ("flux2-klein-4nfe", 1, ("train.seed=6",))  # preset, batch, overrides (see the module docstring)
+
+
+def cases():
+    slow = [pytest.param(name, 2, (), marks=pytest.mark.slow) for name in real_size.real_presets() if name != "sd3-tbcm"]
+    return [pytest.param(*FAST, id="fast-" + FAST[0]), *slow]
+
+
+@pytest.mark.parametrize(("name", "batch", "overrides"), cases())
+def test_one_cycle_runs_at_real_size_and_counts_its_flops(name, batch, overrides):
+    row = real_size.run_cycle(name, batch, overrides)
+    # a forward of one sample: at least 2 FLOPs per weight per token of the image (every linear layer sees every
+    # image token), so the count is of the real network at the real resolution
+    from cdmctl.backbones.architectures import build, for_model, weight_count
+
+    arch = for_model(row["model"])
+    tokens = row["latent"][-1] * row["latent"][-2] // (4 if arch.family != "flux2-klein" else 1)  # 2x2 patches
+    weights = weight_count(build(arch.transformer))
+    assert row["flops_forward_per_sample"] > 2 * 0.8 * weights * tokens
+    # the cycle: every sample through the student at least once with backward (x3) and the teacher once
+    assert row["flops_cycle"] > 4 * row["batch_per_process"] * row["flops_forward_per_sample"]
+    assert row["cost"]["cost/student_bwd"] > 0 and row["cost"]["cost/fake_bwd"] > 0
+
+
+def test_tbcm_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="tbcm"):
+        real_size.build_cycle("sd3-tbcm", 2)
