@@ -281,7 +281,6 @@ def eval_(
     """Generate images for a prompt set and score them (PickScore, HPS, FID, ...); or compare result folders."""
     refuse_metric_option_as_out(out)
     from cdmctl import evaluate as ev
-    from cdmctl.generate import check_device, check_steps, parse_sigmas
     from cdmctl.outputs import check_not_file
     from cdmctl.samplers import check_levels_fit, check_sampler, check_shift
 
@@ -300,6 +299,12 @@ def eval_(
     options = ev.parse_metric_options(metric_option or [])
     if ev.check_phase(phase) != "generate":
         ev.prepare_metrics(names, options)  # unknown metrics fail before any library loads (run_eval checks again)
+    if phase != "score":
+        from cdmctl.prompt_sets import load_eval_prompts
+
+        load_eval_prompts(prompts, limit)  # a missing or empty prompt file: refused before torch and any model load
+    from cdmctl.generate import check_device, check_steps, parse_sigmas
+
     levels, steps, device = parse_sigmas(sigmas), check_steps(steps), check_device(device)
     check_sampler(scheduler), check_shift(shift), check_levels_fit(scheduler, levels)
     _quiet_libraries()

@@ -182,7 +182,8 @@ def test_a_start_that_needs_no_model_is_refused_before_torch_loads_and_leaves_no
 @pytest.mark.parametrize("command", [["generate", "a cat", "--batch-size", "0"], ["generate", "a cat", "-n", "0"],
                                      ["eval", "--metrics", "clipscore", "--batch-size", "0"],
                                      ["eval", "--metrics", "clipscore", "--score-batch-size", "0"],
-                                     ["generate", "--prompts", "none.txt"]])  # fmt: skip
+                                     ["generate", "--prompts", "none.txt"],
+                                     ["eval", "--metrics", "clipscore", "--prompts", "none.txt"]])  # fmt: skip
 def test_generate_and_eval_refuse_bad_counts_and_files_before_torch_loads(tiny_sd3_dir, tmp_path, command):
     result = cdmctl(*command, "-m", str(tiny_sd3_dir), "--out", str(tmp_path / "out"),
                     extra_env={"PYTHONPROFILEIMPORTTIME": "1"})  # fmt: skip
