@@ -66,7 +66,9 @@ def write_report(folders: Sequence[str | Path], out: str | Path) -> list[Path]:
     """Write training.png, scores.png (if any run evaluated), summary.md and one sheet per evaluated run into
     `out`; returns the files written."""
     if importlib.util.find_spec("matplotlib") is None:
-        raise UserError("cdmctl report needs matplotlib, which is not installed", "pip install 'cdmctl[plot]'")
+        from cdmctl.distribution import install_extra
+
+        raise UserError("cdmctl report needs matplotlib, which is not installed", install_extra("plot"))
     runs = [load_run(f) for f in folders]
     unique_names(runs)
     out = Path(out)

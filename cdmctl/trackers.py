@@ -10,10 +10,10 @@ from typing import Any
 from cdmctl.errors import UserError
 
 FOLDER = "trackers"  # RUN/trackers: accelerate's logging_dir (TensorBoard writes RUN/trackers/PRESET/)
-# tracker name (accelerate's LoggerType) -> (the module it imports, how to install it)
+# tracker name (accelerate's LoggerType) -> (the module it imports, how to install it; None: our extra of that name)
 PACKAGES = {
-    "tensorboard": ("tensorboard", "pip install 'cdmctl[tensorboard]'"),
-    "wandb": ("wandb", "pip install 'cdmctl[wandb]'"),
+    "tensorboard": ("tensorboard", None),
+    "wandb": ("wandb", None),
     "mlflow": ("mlflow", "pip install mlflow"),
     "aim": ("aim", "pip install aim"),
     "comet_ml": ("comet_ml", "pip install comet_ml"),
@@ -22,6 +22,13 @@ PACKAGES = {
     "swanlab": ("swanlab", "pip install swanlab"),
     "trackio": ("trackio", "pip install trackio"),
 }
+
+
+def install_command(name: str) -> str:
+    """How to install tracker `name`'s package: our extra, as this copy of cdmctl was installed, or pip's."""
+    from cdmctl.distribution import install_extra
+
+    return PACKAGES[name][1] or install_extra(name)
 
 
 def installed(name: str) -> bool:
@@ -41,8 +48,8 @@ def resolve_trackers(required: list[str], optional: list[str]) -> tuple[list[str
     chosen, notes = [], []
     for name in map(check_known, required):
         if not installed(name):
-            module, install = PACKAGES[name]
-            raise UserError(f"tracker '{name}' needs the {module} package, which is not installed", install)
+            raise UserError(f"tracker '{name}' needs the {PACKAGES[name][0]} package, which is not installed",
+                            install_command(name))  # fmt: skip
         chosen.append(name)
     for name in map(check_known, optional):
         if name in chosen:
@@ -50,7 +57,7 @@ def resolve_trackers(required: list[str], optional: list[str]) -> tuple[list[str
         if installed(name):
             chosen.append(name)
         else:
-            notes.append(f"not logging to {name} ({PACKAGES[name][0]} is not installed: {PACKAGES[name][1]})")
+            notes.append(f"not logging to {name} ({PACKAGES[name][0]} is not installed: {install_command(name)})")
     return chosen, notes
 
 
