@@ -223,10 +223,6 @@ def generate(
     if (scheduler is not None or shift is not None) and not compare_teacher:
         raise UserError("--scheduler and --shift choose the teacher's sampler", "add --compare-teacher")
     texts = list(prompt or []) + (load_prompts(prompts) if prompts else [])  # refused before torch loads
-    from cdmctl.startchecks import check_source_named
-
-    for source in (model, *([teacher] if teacher else [])):
-        check_source_named(source)  # a mistyped path is refused before torch loads
 
     from cdmctl.generate import check_device, check_steps, expand, parse_sigmas
     from cdmctl.generate import generate as run_generate
@@ -298,10 +294,6 @@ def eval_(
     models = model or ([out] if phase == "score" and out else [])
     if not models:
         raise UserError("no --model given", "pass --model FOLDER (repeat it to compare), or --out FOLDER with --phase score")
-    from cdmctl.startchecks import check_source_named
-
-    for source in models if phase != "score" else []:
-        check_source_named(source)  # a mistyped path is refused before torch loads
     out = out or ev.default_out(models)
     check_not_file(out)
     options = ev.parse_metric_options(metric_option or [])

@@ -52,13 +52,6 @@ def check_model_source(source: str) -> None:
             raise UserError(f"'{source}' is not a diffusers pipeline folder (no model_index.json)",
                             "point model.pretrained at a folder written by save_pretrained or `cdmctl export`")  # fmt: skip
         return
-    check_source_named(source)
-
-
-def check_source_named(source: str) -> None:
-    """A model source that is not `builtin:`, not an existing path and not owner/name is a typo (no library needed)."""
-    if source.startswith("builtin:") or Path(source).expanduser().exists():
-        return
     if not (HUB_ID.match(source) and not source.startswith(".")):
         raise UserError(f"model folder '{source}' does not exist",
                         "check the path, or use a hub id (owner/name), or builtin:tiny-sd3 for a smoke test")  # fmt: skip
