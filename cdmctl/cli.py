@@ -299,9 +299,9 @@ def eval_(
     options = ev.parse_metric_options(metric_option or [])
     if ev.check_phase(phase) != "generate":
         ev.prepare_metrics(names, options)  # unknown metrics fail before any library loads (run_eval checks again)
-    if phase != "score":
-        from cdmctl.prompt_sets import load_eval_prompts
+    from cdmctl.prompt_sets import SETS, load_eval_prompts
 
+    if phase != "score" and prompts not in SETS:  # a named set is fetched when it is used
         load_eval_prompts(prompts, limit)  # a missing or empty prompt file: refused before torch and any model load
     from cdmctl.generate import check_device, check_steps, parse_sigmas
 

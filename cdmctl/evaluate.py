@@ -721,10 +721,6 @@ def run_eval(
     check_phase(phase)
     if not models:
         raise UserError("no --model given", "pass --model FOLDER (repeat it to compare models)")
-    if phase != "score":  # a missing prompt file is refused before the metrics' models and the student load
-        from cdmctl.prompt_sets import load_eval_prompts
-
-        prompt_list = load_eval_prompts(prompts, limit)
     if phase != "generate":
         prepare_metrics(metrics, metric_options)
     env_rank, env_world = dist_env()
@@ -732,6 +728,9 @@ def run_eval(
     folders = model_dirs(out, models)
     with reporting_disk_full(out):  # images, scores and summaries all fill a disk
         if phase != "score":
+            from cdmctl.prompt_sets import load_eval_prompts
+
+            prompt_list = load_eval_prompts(prompts, limit)
             for model, folder in zip(models, folders):
                 run_generate(
                     model, prompt_list, folder, steps=steps, sigmas=sigmas, seed=seed, num_per_prompt=num_per_prompt,
