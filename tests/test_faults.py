@@ -118,7 +118,8 @@ def fake_run(folder: Path, save_state) -> SimpleNamespace:
     """What DistillRun.save_checkpoint reads of its run: one process, a tiny student, a manifest."""
     acc = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state)
     return SimpleNamespace(accelerator=acc, folder=folder, preset=SimpleNamespace(run=SimpleNamespace(keep_checkpoints=None)),
-                           student_tensors=lambda: {"student": {"w": torch.ones(4)}}, manifest=lambda: {"preset": {}})  # fmt: skip
+                           student_tensors=lambda: {"student": {"w": torch.ones(4)}}, manifest=lambda: {"preset": {}},
+                           kept_apart=set)  # fmt: skip
 
 
 def write_state(path: str) -> None:
@@ -270,8 +271,11 @@ def test_resume_refuses_a_prompt_file_changed_since_the_checkpoint(tiny_sd3_dir,
     result = cdmctl(*resume, "--resume")
     assert_one_error(result, 2, f"the prompt file {prompts} changed since checkpoint step-0000002")
     assert "restore the file" in result.stderr
-    # a checkpoint written before the hash was recorded resumes without the check
+    # a checkpoint written before the hash was recorded resumes without the check (format 2: nor had its manifest
+    # its own hash, which would refuse the edit)
     manifest.pop("prompts_sha256")
+    manifest.update(format=2)
+    del manifest[ckpt.BODY_HASH]
     manifest_path.write_text(json.dumps(manifest, indent=2))
     result = cdmctl(*resume, "--resume")
     assert result.returncode == 0, result.stderr
