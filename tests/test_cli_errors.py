@@ -139,6 +139,7 @@ TINY_DEMO = {  # the demo preset on the tiny random pipeline, CPU-sized: a few s
     "run.sample_every": 0,
     "run.checkpoint_every": 0,  # only the signal's own checkpoint (SIGTERM) can exist
     "data.sample_prompts": "[a red cat]",
+    "eval.enabled": "false",  # the demo's evaluation scores against the toy teacher's ground truth, not this model's
 }
 
 
