@@ -59,7 +59,7 @@ def main() -> None:
         prompts.write_text("".join(f"a photo of object number {i}, seen from the side\n" for i in range(n)))
         for attempt in ("first", "second"):
             r = distill(model, work / f"run-{n}-{attempt}", prompts, cache, args.text_length)
-            folder = max(cache.iterdir(), key=lambda d: d.stat().st_mtime)
+            folder = max((d for d in cache.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime)  # not the .lock files
             r.update(n=n, attempt=attempt, disk_gib=sum(f.stat().st_size for f in folder.glob("shard-*")) / 2**30)
             rows.append(r)
             print(f"{n:>7} prompts, {attempt} run: peak RSS {r['rss_gib']:.3f} GiB, {r['seconds']:.1f} s, "

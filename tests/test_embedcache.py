@@ -130,7 +130,7 @@ def test_host_memory_does_not_grow_with_the_prompt_count_and_a_second_run_reuses
         done, last = distill(tiny_sd3_dir, tmp_path / f"run-{n}", prompts, cache)
         assert f"prompt embeddings: encoded {n} prompts" in done.stdout + done.stderr
         peaks[n] = last["memory/host_peak_gb"]
-    folder = next(p for p in cache.iterdir() if json.loads((p / INDEX).read_text())["count"] == 8000)
+    folder = next(p for p in cache.iterdir() if p.is_dir() and json.loads((p / INDEX).read_text())["count"] == 8000)
     on_disk = sum(p.stat().st_size for p in folder.glob("shard-*")) / 2**30
     assert len(list(folder.glob("shard-*"))) > 30  # really sharded (4 MiB each)
     assert on_disk > 0.1 * peaks[8000], "the test would not notice embeddings held in memory"
