@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cdmctl.proving.groundtruth import BACKGROUND, COLORS, SHAPES, shape_mask
+from cdmctl.proving.groundtruth import BACKGROUND, COLORS, SHAPES, ExactDistribution, shape_mask
 
 OFFSETS = ((0, 0), (0, 2), (2, 0), (2, 2), (-2, 0), (0, -2), (-2, -2), (2, -2))  # placements, in latent pixels
 
@@ -45,7 +45,7 @@ class CoupledSpec:
 
 
 @dataclass
-class CoupledGroundTruth:
+class CoupledGroundTruth(ExactDistribution):
     """Prompts, placements [P, K, C, h, w] and features [P, K, F, C, h, w] (each a ±1 pattern times its amplitude)."""
 
     spec: CoupledSpec = field(default_factory=CoupledSpec)
@@ -89,14 +89,6 @@ class CoupledGroundTruth:
         return torch.randint(0, 2, (self.spec.channels,), generator=gen).float() * 2 - 1
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (self.spec.channels, self.spec.size, self.spec.size)
-
-    @property
-    def num_prompts(self) -> int:
-        return len(self.prompts)
-
-    @property
     def num_modes(self) -> int:
         """The groups coverage counts: a prompt's placements."""
         return self.spec.placements
@@ -109,11 +101,6 @@ class CoupledGroundTruth:
         noise = torch.randn((len(prompt_idx), *self.latent_shape), generator=gen)
         detail = torch.einsum("bf,bfchw->bchw", signs.to(self.features), self.features[prompt_idx, k])
         return self.bases[prompt_idx, k] + detail + self.spec.noise * noise
-
-    def sample_per_prompt(self, n: int, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """n samples of every prompt: (x0 [P * n, C, h, w], prompt indices [P * n])."""
-        idx = torch.arange(self.num_prompts).repeat_interleave(n)
-        return self.sample(idx, gen), idx
 
     def _candidates(self, x: torch.Tensor, prompt_idx: torch.Tensor | None):
         """(bases [B, M, D], features [B, M, F, D]) of every placement x may come from (M = K, or P * K)."""
@@ -140,11 +127,6 @@ class CoupledGroundTruth:
         mean = bases + torch.einsum("bmf,bmfd->bmd", torch.tanh(z), feats)  # E[mode | placement]
         per_placement = mean + (1 - s) * self.spec.noise**2 / var * (flat - (1 - s) * mean)
         return (logits.softmax(-1)[..., None] * per_placement).sum(1).view_as(x)
-
-    def exact_velocity(self, x: torch.Tensor, s: torch.Tensor, prompt_idx: torch.Tensor | None) -> torch.Tensor:
-        """v = E[eps - x0 | x_s] = (x - E[x0 | x_s]) / s, [B, C, h, w]."""
-        s_b = torch.as_tensor(s, dtype=x.dtype).expand(len(x)).view(-1, *[1] * (x.dim() - 1))
-        return (x - self.exact_x0(x, s, prompt_idx)) / s_b
 
     def nearest_modes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(prompt [B], placement [B], RMS distance [B]) of each sample's nearest mode over all prompts: per

@@ -60,8 +60,31 @@ class GroundTruthSpec:
     seed: int = 0  # picks the dot positions
 
 
+class ExactDistribution:
+    """What every proving ground's ground truth shares: its latent shape, prompt count, per-prompt sampling and the
+    exact velocity from its exact posterior mean (`exact_x0`, the subclass's)."""
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.spec.channels, self.spec.size, self.spec.size)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts)
+
+    def sample_per_prompt(self, n: int, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """n samples of every prompt: (x0 [P * n, C, h, w], prompt indices [P * n])."""
+        idx = torch.arange(self.num_prompts).repeat_interleave(n)
+        return self.sample(idx, gen), idx
+
+    def exact_velocity(self, x: torch.Tensor, s: torch.Tensor, prompt_idx: torch.Tensor | None) -> torch.Tensor:
+        """v = E[eps - x0 | x_s] = (x - E[x0 | x_s]) / s, [B, C, h, w]."""
+        s_b = torch.as_tensor(s, dtype=x.dtype).expand(len(x)).view(-1, *[1] * (x.dim() - 1))
+        return (x - self.exact_x0(x, s, prompt_idx)) / s_b
+
+
 @dataclass
-class GroundTruth:
+class GroundTruth(ExactDistribution):
     """The prompts, their modes [P, K, C, h, w] and the sampler, exact denoiser and mode lookup."""
 
     spec: GroundTruthSpec = field(default_factory=GroundTruthSpec)
@@ -91,14 +114,6 @@ class GroundTruth:
         return out
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (self.spec.channels, self.spec.size, self.spec.size)
-
-    @property
-    def num_prompts(self) -> int:
-        return len(self.prompts)
-
-    @property
     def num_modes(self) -> int:
         return self.spec.modes_per_prompt
 
@@ -108,11 +123,6 @@ class GroundTruth:
         k = torch.randint(self.num_modes, prompt_idx.shape, generator=gen)
         noise = torch.randn((len(prompt_idx), *self.latent_shape), generator=gen)
         return self.modes[prompt_idx, k] + self.spec.noise * noise
-
-    def sample_per_prompt(self, n: int, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """n samples of every prompt: (x0 [P * n, C, h, w], prompt indices [P * n])."""
-        idx = torch.arange(self.num_prompts).repeat_interleave(n)
-        return self.sample(idx, gen), idx
 
     def exact_x0(self, x: torch.Tensor, s: torch.Tensor, prompt_idx: torch.Tensor | None) -> torch.Tensor:
         """E[x0 | x_s = x] [B, C, h, w] for x_s = (1 - s) x0 + s eps; prompt_idx None = unconditional."""
@@ -126,11 +136,6 @@ class GroundTruth:
         gain = (1 - s) * self.spec.noise**2 / var  # posterior mean of x0 given its mode
         per_mode = means + gain[:, None] * (flat[:, None] - (1 - s)[:, None] * means)
         return (w[..., None] * per_mode).sum(1).view_as(x)
-
-    def exact_velocity(self, x: torch.Tensor, s: torch.Tensor, prompt_idx: torch.Tensor | None) -> torch.Tensor:
-        """v = E[eps - x0 | x_s] = (x - E[x0 | x_s]) / s, [B, C, h, w]."""
-        s_b = torch.as_tensor(s, dtype=x.dtype).expand(len(x)).view(-1, *[1] * (x.dim() - 1))
-        return (x - self.exact_x0(x, s, prompt_idx)) / s_b
 
     def nearest_modes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(prompt [B], mode [B], RMS distance [B]) of each sample's nearest mode over all prompts."""
