@@ -13,6 +13,7 @@ import pytest
 import typer.main
 
 from cdmctl import __version__, cli
+from tests.test_docs import commands  # every click command by its name
 from cdmctl.config import load_preset
 from cdmctl.errors import UserError
 
@@ -22,17 +23,6 @@ CDMCTL = shutil.which("cdmctl") or str(Path(sys.executable).parent / "cdmctl")
 def run_cdmctl(*args: str, columns: int = 200) -> subprocess.CompletedProcess:
     return subprocess.run([CDMCTL, *args], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "COLUMNS": str(columns)})  # fmt: skip
-
-
-def commands() -> dict[str, object]:
-    """'distill', ..., 'presets list' -> its click command; '' is the root."""
-    root = typer.main.get_command(cli.app)
-    found = {"": root}
-    for name, cmd in root.commands.items():
-        found[name] = cmd
-        for sub, subcmd in getattr(cmd, "commands", {}).items():
-            found[f"{name} {sub}"] = subcmd
-    return found
 
 
 def test_version_prints_the_package_version_and_exits_0():
