@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import typer.main
 
-from cdmctl import __version__, cli
+from cdmctl import __version__
 from tests.test_docs import commands  # every click command by its name
 from cdmctl.config import load_preset
 from cdmctl.errors import UserError
