@@ -39,6 +39,10 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     # the schedule without the time shift (inference.time_shift follows it: sampled unshifted too)
     "cdm-unshifted": ("CDM, schedule without the time shift", "demo", ["method.schedule.time_shift=false"]),
     "cdm-no-ca": ("CDM without the CA loss (the toy's ground truth is unguided)", "demo", ["method.losses.ca=0"]),
+    "cdm-unshifted-no-ca": ("CDM, schedule without the time shift, no CA loss", "demo",
+                            ["method.schedule.time_shift=false", "method.losses.ca=0"]),
+    "cdm-unshifted-no-ca-cosine": ("... and the learning rates decayed by a half cosine to 10%", "demo",
+                                   ["method.schedule.time_shift=false", "method.losses.ca=0", "optim.lr_schedule=cosine"]),
 }  # fmt: skip
 
 
@@ -57,7 +61,7 @@ def preset_for(job: dict):
         *overrides, *ground_settings(job["ground"]),
         f"train.seed={job['seed']}", f"train.iterations={max(budgets)}",
         f"run.checkpoint_every={min(budgets)}", f"run.keep_checkpoints={max(budgets) // min(budgets) + 1}",
-        "run.sample_every=0", "run.log_every=50", *job["extra"],
+        "run.sample_every=0", "run.log_every=50", "eval.enabled=false", *job["extra"],
     ])  # fmt: skip
 
 

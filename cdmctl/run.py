@@ -347,7 +347,7 @@ class DistillRun:
         student_opt, fake_opt = self.build_roles(compute)
         return Distiller(self.accelerator, self.roles, preset.method, preset.optim, student_opt, fake_opt, self.ema,
                          make_batch=make_batch, shift=shift, seed=preset.train.seed,
-                         clip=grad_clipper(self.accelerator))  # fmt: skip
+                         clip=grad_clipper(self.accelerator), iterations=preset.train.iterations)  # fmt: skip
 
     def tbcm_distiller(self, compute: torch.dtype, make_batch, shift) -> TBCMDistiller:
         """Student and teacher (no fake teacher) and the log-variance head, each trained module with its own
@@ -369,7 +369,7 @@ class DistillRun:
         self.ema = self.student_ema(student)
         return TBCMDistiller(acc, self.roles, head, preset.method, preset.optim, [student_opt, head_opt], self.ema,
                              make_batch=make_batch, shift=shift, seed=preset.train.seed,
-                             clip=grad_clipper(acc))  # fmt: skip
+                             clip=grad_clipper(acc), iterations=preset.train.iterations)  # fmt: skip
 
     def load_backbone(self, compute: torch.dtype) -> Backbone:
         """Every part in the compute dtype on the training device; trained copies get float32 masters later."""

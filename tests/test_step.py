@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from cdmctl.backbones.tiny.toy import ToyBackbone
 from cdmctl.config.schema import MethodConfig, OptimConfig
 from cdmctl.engine import losses as L
 from cdmctl.engine.cost import CostCounter
-from cdmctl.engine.loop import Distiller, warmup_lr
+from cdmctl.engine.loop import Distiller, scheduled_lr, warmup_lr
 from cdmctl.engine.roles import Roles
 from cdmctl.engine.simulate import Trajectory
 from cdmctl.engine.step import Batch, Draws, student_loss
@@ -116,13 +117,23 @@ class FakeAccelerator:
         return m
 
 
-def distiller(method: MethodConfig, warmup: int = 0) -> Distiller:
+def distiller(method: MethodConfig, warmup: int = 0, iterations: int = 0, **optim) -> Distiller:
     rec, roles = make_roles()
-    optim = OptimConfig(warmup_steps=warmup, student_lr=1e-3, fake_lr=1e-3)
+    optim = OptimConfig(warmup_steps=warmup, student_lr=1e-3, fake_lr=1e-3, **optim)
     s_opt = torch.optim.AdamW(roles.student_module.parameters(), lr=1.0)
     f_opt = torch.optim.AdamW(roles.fake_module.parameters(), lr=1.0)
     return Distiller(FakeAccelerator(), roles, method, optim, s_opt, f_opt, None,
-                     lambda d: make_batch(rec.inner, d), lambda s, steps: s, seed=0)
+                     lambda d: make_batch(rec.inner, d), lambda s, steps: s, seed=0, iterations=iterations)
+
+
+def test_a_cosine_run_ends_each_optimizer_at_its_floor_on_its_own_step_count():
+    d = distiller(MethodConfig(ttur_ratio=2), iterations=4, lr_schedule="cosine", lr_floor=0.25)
+    rates = [d.iteration() for _ in range(4)]
+    assert [r["lr/fake"] for r in rates] == pytest.approx([1e-3 * (0.25 + 0.75 * (1 + math.cos(math.pi * k / 4)) / 2)
+                                                           for k in range(4)])  # fmt: skip
+    # two student updates in four iterations: its half cosine spans those two
+    assert [r["lr/student"] for r in rates if "lr/student" in r] == pytest.approx([1e-3, 1e-3 * (0.25 + 0.75 / 2)])
+    assert d.student_opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.625)
 
 
 def test_ttur_student_updates_every_kth_iteration_and_fake_merges_student():
@@ -161,6 +172,18 @@ def test_nonfinite_loss_skips_the_step_and_is_counted():
 def test_warmup_counts_optimizer_steps():
     assert [warmup_lr(1.0, s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_lr(2e-5, 0, 0) == 2e-5
+
+
+def test_cosine_learning_rate_warms_up_then_falls_to_its_floor_at_the_last_step():
+    from cdmctl.config.schema import OptimConfig
+
+    cosine = OptimConfig(warmup_steps=2, lr_schedule="cosine", lr_floor=0.1)
+    # warm-up 0.5, 1.0; then 0.1 + 0.9 * (1 + cos(pi * t)) / 2 at t = 0, 1/4, 1/2, 1, and held past the end
+    got = [scheduled_lr(1.0, s, cosine, total=6) for s in (0, 1, 2, 3, 4, 6, 9)]
+    want = [0.5, 1.0, 1.0, 0.1 + 0.45 * (1 + 2**-0.5), 0.55, 0.1, 0.1]
+    assert got == pytest.approx(want)
+    constant = OptimConfig(warmup_steps=2)
+    assert [scheduled_lr(1.0, s, constant, total=6) for s in (0, 1, 5, 9)] == [0.5, 1.0, 1.0, 1.0]
 
 
 def test_draws_refuse_a_purpose_taken_twice_in_one_iteration():

@@ -323,6 +323,11 @@ class OptimConfig(Section):
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay (the paper's text says 1e-3).")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up, counted in each optimizer's own steps.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="After the warm-up: constant, or a half cosine down to lr_floor x the rate at the run's "
+        "last iteration (train.iterations; each optimizer over its own steps).",
+    )
+    lr_floor: float = Field(0.1, ge=0, le=1, description="cosine: the final learning rate as a share of the peak.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip for both networks.")
     optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit"] = Field(
         "adamw",

@@ -8,6 +8,8 @@ through accelerate (`optimizer_step`, shared by both families).
 
 from __future__ import annotations
 
+import math
+
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -139,6 +141,15 @@ def warmup_lr(base: float, step: int, warmup: int) -> float:
     return base if warmup <= 0 else base * min(1.0, (step + 1) / warmup)
 
 
+def scheduled_lr(base: float, step: int, optim: "OptimConfig", total: int) -> float:
+    """The learning rate of optimizer step `step` of `total`: the linear warm-up, then constant, or (`lr_schedule`
+    cosine) a half cosine from `base` down to `lr_floor * base` at step `total` (held there past it)."""
+    if optim.lr_schedule == "constant" or step < optim.warmup_steps:
+        return warmup_lr(base, step, optim.warmup_steps)
+    t = min(1.0, (step - optim.warmup_steps) / max(total - optim.warmup_steps, 1))
+    return base * (optim.lr_floor + (1 - optim.lr_floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
 class Distiller:
     """Owns the roles, both optimizers, the EMA and the counters; `iteration()` advances one iteration."""
 
@@ -155,8 +166,10 @@ class Distiller:
         shift: Callable[[torch.Tensor, int], torch.Tensor],
         seed: int,
         clip: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None,
+        iterations: int = 0,
     ):
         self.accelerator, self.roles, self.method, self.optim = accelerator, roles, method, optim
+        self.iterations = iterations  # the run's length: where a decaying learning rate reaches its floor
         self.student_opt, self.fake_opt, self.ema = student_opt, fake_opt, ema
         self.make_batch, self.shift, self.seed = make_batch, shift, seed
         # clip(parameters, max_norm) -> the norm over all ranks; the run layer passes a sharding-aware one
@@ -218,7 +231,8 @@ class Distiller:
     def student_update(self, batch: Batch, traj, draws: Draws) -> dict[str, float | torch.Tensor]:
         self.roles.train_mode(student=True, fake=False)
         loss, stats = self.student_loss(batch, traj, draws)
-        lr = warmup_lr(self.optim.student_lr, self.counters.student_step, self.optim.warmup_steps)
+        total = self.iterations // self.method.ttur_ratio
+        lr = scheduled_lr(self.optim.student_lr, self.counters.student_step, self.optim, total)
         norm = self.apply(loss, self.student_opt, self.roles.student_module, lr, "student")
         if norm is not None:
             self.counters.student_step += 1
@@ -230,7 +244,7 @@ class Distiller:
     def fake_update(self, batch: Batch, traj, draws: Draws) -> dict[str, float | torch.Tensor]:
         self.roles.train_mode(student=False, fake=True)
         loss, stats = fake_loss(self.roles, self.method, batch, traj, draws, self.cost)
-        lr = warmup_lr(self.optim.fake_lr, self.counters.fake_step, self.optim.warmup_steps)
+        lr = scheduled_lr(self.optim.fake_lr, self.counters.fake_step, self.optim, self.iterations)
         norm = self.apply(loss, self.fake_opt, self.roles.fake_module, lr, "fake")
         if norm is not None:
             self.counters.fake_step += 1

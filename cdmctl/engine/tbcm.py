@@ -18,7 +18,7 @@ from cdmctl.engine import trigflow as T
 from cdmctl.engine.cost import CostCounter
 from cdmctl.engine.ema import StudentEMA
 from cdmctl.engine.jvp import JVP_FORWARDS, jvp_autograd, jvp_finite_difference
-from cdmctl.engine.loop import Counters, optimizer_step, warmup_lr
+from cdmctl.engine.loop import Counters, optimizer_step, scheduled_lr
 from cdmctl.engine.roles import Call, Roles
 from cdmctl.engine.step import Batch, Draws
 
@@ -148,8 +148,9 @@ class TBCMDistiller:
     def __init__(self, accelerator: Any, roles: Roles, head: torch.nn.Module, method: "MethodConfig",
                  optim: "OptimConfig", optimizers: list[torch.optim.Optimizer], ema: StudentEMA | None,
                  make_batch: Callable[[Draws], Batch], shift: Callable[[torch.Tensor, int], torch.Tensor], seed: int,
-                 clip: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None):
+                 clip: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None, iterations: int = 0):
         self.accelerator, self.roles, self.head, self.method, self.optim = accelerator, roles, head, method, optim
+        self.iterations = iterations  # one student update per iteration: where a decaying learning rate ends
         self.config: "TBCMConfig" = method.tbcm
         self.optimizers, self.ema, self.make_batch, self.seed, self.clip = optimizers, ema, make_batch, seed, clip
         steps = self.config.route_steps  # `shift(levels, steps)`: the backbone's shift for a schedule of `steps`
@@ -185,8 +186,8 @@ class TBCMDistiller:
         self.roles.train_mode(student=True, fake=False)
         r = T.tangent_weight(c.student_step, cfg.tangent_warmup, cfg.cooldown_start, cfg.cooldown_steps, cfg.final_r)
         loss, stats = tbcm_loss(self.roles, self.head, pairs, cfg, r, self.cost)
-        lr = warmup_lr(self.optim.student_lr, c.student_step, self.optim.warmup_steps)
-        head_lr = warmup_lr(cfg.logvar_lr or self.optim.student_lr, c.student_step, self.optim.warmup_steps)
+        lr = scheduled_lr(self.optim.student_lr, c.student_step, self.optim, self.iterations)
+        head_lr = scheduled_lr(cfg.logvar_lr or self.optim.student_lr, c.student_step, self.optim, self.iterations)
         modules = [self.roles.student_module, self.head]
         norm = optimizer_step(self.accelerator, c, loss, self.optimizers, modules, [lr, head_lr], self.optim.grad_clip,
                               self.clip)  # fmt: skip

@@ -47,6 +47,7 @@ class TrainConfig:
     ema: float = 0.999
     seed: int = 0
     threads: int = 0  # torch CPU threads (0 = leave as is)
+    init: str = ""  # a trained teacher folder of the same ground to continue from ("" = random initial weights)
 
 
 SHIPPED = GROUNDS["toy-sd3"].folder  # the first trained teacher, shipped as package data
@@ -193,6 +194,8 @@ def build(out: Path, cfg: TrainConfig, ground: Ground = GROUNDS["toy-sd3"],
     with tempfile.TemporaryDirectory(prefix="cdmctl-toy-") as tmp:
         folder = write_untrained(Path(tmp) / "pipe", seed=cfg.seed, shift=ground.shift)
         backbone = load(folder)
+        if cfg.init:  # continue a teacher: a longer schedule without paying for its first part again
+            backbone.transformer.load_state_dict(load(Path(cfg.init)).transformer.state_dict())
         teacher = train(backbone, gt, cfg, log)
         seconds = time.perf_counter() - start
         staging = Path(tmp) / "out"
