@@ -43,6 +43,11 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
                             ["method.schedule.time_shift=false", "method.losses.ca=0"]),
     "cdm-unshifted-no-ca-cosine": ("... and the learning rates decayed by a half cosine to 10%", "demo",
                                    ["method.schedule.time_shift=false", "method.losses.ca=0", "optim.lr_schedule=cosine"]),
+    # a 1-step student: D-DMD at the single level 1.0 (the reference run), without CA, decayed
+    "ddmd-1step": ("D-DMD trained for 1 step (fixed level 1.0), no CA, cosine", "demo",
+                   ["method.name=ddmd", "method.schedule.kind=fixed", "method.schedule.levels=[1.0]",
+                    "method.losses.cdm=0", "method.losses.ca=0", "optim.lr_schedule=cosine", "inference.steps=1"]),
+    "tbcm-guided": ("TBCM, rollouts at guidance 1.5", "demo-tbcm", ["method.tbcm.guidance=[1.5]"]),
 }  # fmt: skip
 
 
