@@ -31,12 +31,13 @@ PREFIX, COST = "eval/", "eval_cost/"
 class LatentMetrics:
     """Metrics computed on the final latents [N, ...] of prompts [N] (the proving ground's exact ones).
 
-    `higher_is_better` names each metric `score` returns; `check(preset, prompts)` raises UserError when they do not
-    apply (another teacher, prompts the ground truth does not know), before any model loads."""
+    `higher_is_better` names each metric `score(preset, latents, prompts)` returns; `check(preset, prompts)` raises
+    UserError when they do not apply (another teacher, prompts the ground truth does not know), before any model
+    loads."""
 
     higher_is_better: dict[str, bool]
     check: Callable[["Preset", list[str]], None]
-    score: Callable[["torch.Tensor", list[str]], dict[str, float]]
+    score: Callable[["Preset", "torch.Tensor", list[str]], dict[str, float]]
 
 
 LATENT_METRICS: list[LatentMetrics] = []
@@ -247,7 +248,7 @@ class TrainingEvaluator:
         prompts = [self.prompts[i] for i, _, _, _ in rows]
         out: dict[str, float] = {}
         for group in self.latent_groups:
-            values = group.score(torch.stack([lat for _, _, _, lat in rows]), prompts)
+            values = group.score(self.preset, torch.stack([lat for _, _, _, lat in rows]), prompts)
             out.update({k: v for k, v in values.items() if k in self.preset.eval.metrics})
         images = [img for _, _, img, _ in rows]
         for name in self.preset.eval.metrics:

@@ -189,6 +189,8 @@ def test_prune_keeps_the_protected_checkpoint(tmp_path):
     ({"eval.every": 0}, "eval.every: Input should be greater than or equal to 1", "fix:"),
     ({"eval.prompts": "missing-prompts.txt"}, "prompt file missing-prompts.txt not found", "check the path"),
     ({"eval.samples_per_prompt": 1}, "the ground-truth metrics need eval.samples_per_prompt >= 2", "samples_per_prompt: 8"),
+    ({"model.pretrained": "builtin:tiny-sd3"}, "which only the proving grounds' teachers have (builtin:toy-sd3, "
+     "builtin:toy-sd3-coupled)", "use an image metric"),
 ])  # fmt: skip
 def test_bad_eval_and_tracker_settings_are_refused_before_any_model_loads(change, message, fix, tmp_path):
     if change.get("run.trackers") == "[aim]" and importlib.util.find_spec("aim"):

@@ -38,16 +38,26 @@ def before_after_report(run) -> str | None:
     return f"before/after figure written to {write_before_after(run)}"
 
 
-def check_ground_truth(preset, prompts: list[str]) -> None:
-    """The exact metrics need the first toy teacher (the scorer below knows its ground truth), its own prompts and
-    2 samples per prompt (MMD is pairwise)."""
-    from cdmctl.errors import UserError
-    from cdmctl.proving.groundtruth import GroundTruth
+def ground_truth_of(preset):
+    """The exact ground truth of the proving ground whose built-in teacher the preset distils; None for other models."""
+    from cdmctl.proving.grounds import GROUNDS
 
-    if preset.model.pretrained != "builtin:toy-sd3":
+    name = preset.model.pretrained.removeprefix("builtin:")
+    return GROUNDS[name].truth() if preset.model.pretrained.startswith("builtin:") and name in GROUNDS else None
+
+
+def check_ground_truth(preset, prompts: list[str]) -> None:
+    """The exact metrics need a proving ground's teacher (`builtin:<ground>`: the scorer below knows its ground
+    truth), its own prompts and 2 samples per prompt (MMD is pairwise)."""
+    from cdmctl.errors import UserError
+    from cdmctl.proving.grounds import GROUNDS
+
+    gt = ground_truth_of(preset)
+    if gt is None:
         raise UserError("eval.metrics names a ground-truth metric (precision, coverage, mmd2, adherence), which only "
-                        "builtin:toy-sd3 has", "use an image metric such as clipscore or pickscore for this model")
-    unknown = sorted(set(prompts) - set(GroundTruth().prompts))
+                        f"the proving grounds' teachers have ({', '.join('builtin:' + g for g in GROUNDS)})",
+                        "use an image metric such as clipscore or pickscore for this model")  # fmt: skip
+    unknown = sorted(set(prompts) - set(gt.prompts))
     if unknown:
         raise UserError(f"eval.prompts holds '{unknown[0]}', which the toy's ground truth does not know",
                         "use eval.prompts: builtin:toy")  # fmt: skip
@@ -55,14 +65,13 @@ def check_ground_truth(preset, prompts: list[str]) -> None:
         raise UserError("the ground-truth metrics need eval.samples_per_prompt >= 2", "set eval.samples_per_prompt: 8")
 
 
-def score_ground_truth(latents, prompts: list[str]) -> dict[str, float]:
-    """The exact metrics of final latents [N, C, h, w] of `prompts` [N] against the ground truth."""
+def score_ground_truth(preset, latents, prompts: list[str]) -> dict[str, float]:
+    """The exact metrics of final latents [N, C, h, w] of `prompts` [N] against the preset's ground truth."""
     import torch
 
     from cdmctl.proving import metrics
-    from cdmctl.proving.groundtruth import GroundTruth
 
-    gt = GroundTruth()
+    gt = ground_truth_of(preset)
     index = {p: i for i, p in enumerate(gt.prompts)}
     ref, ref_idx = metrics.reference_set(gt)
     return metrics.score(gt, latents, torch.tensor([index[p] for p in prompts]), ref, ref_idx)
