@@ -63,7 +63,9 @@ from cdmctl.engine.step import (  # noqa: E402
     cdm_point,
     matching_term,
 )
-from cdmctl.run import adamw, batch_maker, build_networks, mixed_precision  # noqa: E402
+from cdmctl.networks import adamw, build_networks  # noqa: E402
+from cdmctl.parallel import mixed_precision  # noqa: E402
+from cdmctl.runprompts import batch_maker  # noqa: E402
 
 # SD3-Medium's transformer (stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json): 2.0B params.
 SIZES: dict[str, dict[str, Any]] = {

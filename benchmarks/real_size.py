@@ -180,7 +180,7 @@ def build_cycle(preset_name: str, batch: int, overrides: tuple[str, ...] = ()):
     from cdmctl.engine.loop import Distiller
     from cdmctl.engine.roles import Roles
     from cdmctl.networks import adamw, build_networks
-    from cdmctl.run import batch_maker
+    from cdmctl.runprompts import batch_maker
 
     preset = load_preset(preset_name, list(overrides))
     if preset.method.family != "cdm":

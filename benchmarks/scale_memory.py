@@ -312,7 +312,7 @@ def measure(args: argparse.Namespace) -> None:
     from cdmctl.engine.roles import Roles
     from cdmctl.networks import adamw, build_networks
     from cdmctl.parallel import build_accelerator, effective_strategy, grad_clipper, prepare_networks, wrap_blocks
-    from cdmctl.run import batch_maker
+    from cdmctl.runprompts import batch_maker
 
     sets = [f"parallel.strategy={args.strategy}", f"model.train={args.train}", f"train.batch_size={args.batch}",
             f"parallel.teacher={args.teacher}", "method.ttur_ratio=2"]  # fmt: skip

@@ -219,7 +219,7 @@ def _student_sampler(model: str, out: Path, prompts: Sequence[str], *, steps: in
                      device: str | None, dtype: str | None, embeddings: EmbeddingSettings, ranks: Any,
                      note: Callable[[str], None] | None, scheduler: str | None = None,
                      shift: float | None = None) -> Sampler:  # fmt: skip
-    from cdmctl.generate import open_model
+    from cdmctl.openmodel import open_model
 
     student = open_model(model, checkpoint=checkpoint, ema=ema, device=device, dtype=dtype,
                          text_encoders=not embeddings.enabled)  # fmt: skip

@@ -1,11 +1,8 @@
-"""Assemble a distillation run from a preset: folder, Accelerator, backbone, roles, prompts, hooks -> engine."""
+"""Assemble a distillation run from a preset (Accelerator, backbone, networks, prompts, sample grid) and train it
+until it ends or a signal stops it."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +11,7 @@ import torch
 from torch import nn
 
 from cdmctl.backbones import load_backbone, resolve_source
-from cdmctl.backbones.base import Backbone, Conditioning
+from cdmctl.backbones.base import Backbone
 from cdmctl.config.schema import Preset, sampling_of
 from cdmctl.engine import checkpoint as ckpt
 from cdmctl.engine.ema import StudentEMA
@@ -22,20 +19,21 @@ from cdmctl.engine.loop import Distiller, Schedule, train
 from cdmctl.engine.rng import generator
 from cdmctl.engine.roles import Roles
 from cdmctl.engine.simulate import simulate
-from cdmctl.engine.step import Batch, Draws
 from cdmctl.engine.tbcm import TBCMDistiller
 from cdmctl.engine.trigflow import LogVarHead, consistency_sample
 from cdmctl.errors import UserError
-from cdmctl.networks import adamw, build_networks, forward_context, lora_key
-from cdmctl.parallel import (FSDP2, build_accelerator, effective_strategy, grad_clipper, mixed_precision,
-                             place_teacher, prepare_networks, prepare_trained, wrap_blocks)
+from cdmctl.networks import adamw, build_networks, forward_context
+from cdmctl.parallel import (FSDP2, build_accelerator, effective_strategy, grad_clipper, place_teacher,
+                             prepare_networks, prepare_trained, wrap_blocks)
 from cdmctl.plugins import RUN_REPORTS, register_run_report  # noqa: F401 (plugins register reports; a cheap import)
-from cdmctl.prompts import load_prompts, prompt_file_sha256
+from cdmctl.prompts import prompt_file_sha256
 from cdmctl.quiet import quiet_libraries
-from cdmctl.runfolder import run_folder, trim_metrics
+from cdmctl.runcheckpoint import restore
+from cdmctl.runfolder import run_folder
+from cdmctl.runhooks import RunHooks, StopSignals
+from cdmctl.runprompts import batch_maker, prompt_bank
 
 if TYPE_CHECKING:
-    from cdmctl.embedcache import EmbeddingCache, Ranks
     from cdmctl.runfolder import Start
 
 
@@ -58,32 +56,6 @@ class RunInterrupted(Exception):
         self.iteration, self.main_process = iteration, main_process
 
 
-class StopSignals:
-    """SIGTERM sets a flag instead of killing the process: the loop checkpoints at the end of the iteration.
-
-    Ctrl-C (SIGINT) keeps Python's KeyboardInterrupt: it stops at once, mid-iteration, where the state is
-    not consistent enough to checkpoint, so the last periodic checkpoint is what a resume starts from.
-    """
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-
-    def _handle(self, signum: int, frame) -> None:
-        self.received = signal.Signals(signum).name
-
-    @contextmanager
-    def installed(self):
-        try:
-            previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. called from a worker thread): signals are not ours
-            yield self
-            return
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-
 class SilentDashboard:
     """What ranks other than the main one get: the main process alone draws and prints."""
 
@@ -98,63 +70,6 @@ class SilentDashboard:
 
     def note(self, text: str) -> None:
         pass
-
-
-class LivePrompts:
-    """Prompts encoded batch by batch as they are drawn (`data.cache_embeddings: false`); the text encoders stay."""
-
-    def __init__(self, backbone: Backbone, prompts: list[str]):
-        self.backbone, self.prompts = backbone, prompts
-        self.null = backbone.encode_prompts([""]).to("cpu")
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def conditioning(self, indices: torch.Tensor) -> Conditioning:
-        return self.backbone.encode_prompts([self.prompts[i] for i in indices.tolist()]).to("cpu")
-
-
-def ranks_of(acc) -> "Ranks":
-    """The embedding cache's view of the processes: barriers and an any-rank flag through accelerate."""
-    from cdmctl.embedcache import Ranks
-
-    def any_true(flag: bool) -> bool:
-        if acc.num_processes == 1:
-            return flag
-        return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item() > 0)
-
-    return Ranks(acc.process_index, acc.num_processes, acc.wait_for_everyone, any_true)
-
-
-def cached_prompts(preset: Preset, source: str, backbone: Backbone, prompts: list[str], compute: torch.dtype, acc):
-    """The run's prompts from the on-disk embedding cache, encoding it first (all ranks, each its share) if this
-    model, text setting and prompt list have none yet. Returns (cache, a line for the user)."""
-    import time
-
-    from cdmctl.embedcache import default_root, key_fields, open_or_build
-
-    model, data = preset.model, preset.data
-    fields = key_fields(model.backbone, source, model.revision, model.text_length, compute, prompts)
-    start = time.perf_counter()
-    cache, built = open_or_build(default_root(data.embedding_cache), fields, prompts,
-                                 lambda batch: backbone.encode_prompts(batch).to("cpu"), ranks_of(acc),
-                                 shard_mb=data.cache_shard_mb, batch_size=data.encode_batch_size)  # fmt: skip
-    verb = f"encoded {len(prompts)} prompts on {acc.num_processes} process(es) in {time.perf_counter() - start:.1f} s" \
-        if built else f"reused the cache of {len(prompts)} prompts"  # fmt: skip
-    return cache, f"prompt embeddings: {verb} ({cache.folder})"
-
-
-def batch_maker(bank: "EmbeddingCache | LivePrompts", per_process: int, latent: tuple[int, ...], device: torch.device):
-    """Per iteration and rank: random prompts and simulation noise from the iteration's own streams."""
-
-    def make(draws: Draws) -> Batch:
-        idx = draws.rows("prompts", per_process,
-                         lambda g, n: torch.randint(len(bank), (n,), generator=g, device=g.device))  # fmt: skip
-        cond = bank.conditioning(idx).to(device)
-        noise = draws.rows("sim-noise", per_process, lambda g, n: torch.randn((n, *latent), generator=g, device=device))
-        return Batch(cond=cond, null=bank.null.to(device).expand(per_process), noise=noise)
-
-    return make
 
 
 class SampleGrid:
@@ -196,78 +111,6 @@ class SampleGrid:
         return self.backbone.decode(final)
 
 
-class RunHooks:
-    """What the loop asks for: log lines (JSONL, trackers, dashboard), sample grids, evaluations, checkpoints."""
-
-    def __init__(self, run: "DistillRun", dashboard, stop: StopSignals | None = None):
-        self.run, self.dashboard, self.stop = run, dashboard, stop
-        self.last_checkpoint: Path | None = None
-        self.last_grid: Path | None = None
-        self.pending_best: int | None = None  # the iteration of a new best, recorded once its checkpoint exists
-        self.stopped_by_decline = False
-
-    def log(self, record: dict[str, Any]) -> None:
-        from cdmctl.trackers import log_scalars
-
-        if self.run.accelerator.is_main_process:
-            self.run.log.log(record)
-            log_scalars(self.run.accelerator, record)
-        self.dashboard.update(record)
-
-    def sample(self, iteration: int) -> None:
-        from cdmctl.runlog import save_grid
-
-        images = self.run.grid_images()
-        if self.run.accelerator.is_main_process:
-            path = self.run.folder / "samples" / f"step-{iteration:07d}.png"
-            self.last_grid = save_grid(images, path)
-            self.dashboard.note(f"samples written to {path}")
-            self.run.log_picture("samples", path, iteration)
-
-    def evaluate(self, iteration: int) -> "EvalOutcome":
-        """Score the student (EMA when kept); a new best of the selected score is checkpointed and kept."""
-        from cdmctl.engine.loop import EvalOutcome
-
-        run, acc = self.run, self.run.accelerator
-        result = run.evaluate(iteration)
-        self.log(result.record)
-        for steps, path in result.grids.items():
-            run.log_picture(f"eval/{steps}-steps", path, iteration)
-        selection = run.selection
-        if selection is None:
-            return EvalOutcome()
-        improved, warning = selection.update(float(result.record[selection.key]), iteration)
-        if warning:
-            self.dashboard.note(f"WARNING: {warning}")
-        if improved:
-            self.pending_best = iteration
-            self.dashboard.note(f"new best {selection.key[len('eval/'):]} {selection.best:.4g}")
-        limit = run.preset.eval.stop_after_decline
-        self.stopped_by_decline = bool(limit and selection.since_best >= limit)
-        if self.stopped_by_decline and acc.is_main_process:
-            self.dashboard.note(f"stopping: {limit} evaluations without a new best (best at iteration "
-                                f"{selection.best_iteration}; export it with --checkpoint best)")  # fmt: skip
-        return EvalOutcome(checkpoint=improved, stop=self.stopped_by_decline)
-
-    def checkpoint(self, iteration: int) -> None:
-        from cdmctl.trainingeval import write_best
-
-        self.last_checkpoint = self.run.save_checkpoint(iteration)
-        self.dashboard.note(f"checkpoint {self.last_checkpoint.name} written")
-        if self.pending_best == iteration and self.run.accelerator.is_main_process:
-            write_best(self.run.folder, self.run.selection, self.last_checkpoint)
-            self.pending_best = None
-
-    def stop_requested(self) -> bool:
-        """A signal reached any process: all stop after the same iteration (a lone rank would hang the rest)."""
-        flag = self.stop is not None and self.stop.received is not None
-        acc = self.run.accelerator
-        if acc.num_processes == 1:
-            return flag
-        total = acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum")
-        return bool(total.item() > 0)
-
-
 class DistillRun:
     """Everything one distillation needs, assembled from a preset; `start()` trains to the end."""
 
@@ -287,13 +130,9 @@ class DistillRun:
         wrap_blocks(acc, backbone.block_classes())
         res = preset.model.resolution
         self.latent = backbone.latent_shape(res, res)
-        prompts = load_prompts(preset.data.prompts)
+        bank, note = prompt_bank(preset, self.source, backbone, compute, acc)
+        self.notes += [note] if note else []
         self.prompts_sha256 = prompt_file_sha256(preset.data.prompts)  # of the file as this run read it
-        if preset.data.cache_embeddings:
-            bank, note = cached_prompts(preset, self.source, backbone, prompts, compute, acc)
-            self.notes.append(note)
-        else:
-            bank = LivePrompts(backbone, prompts)
         self.grid = SampleGrid(backbone, preset, self.latent, acc.device)
         self.evaluator = self.training_evaluator()  # encodes its prompts: before the text encoders go
         self.selection = selection_of(preset)
@@ -415,91 +254,6 @@ class DistillRun:
         with self.ema.swapped_into(module):
             return self.grid.images(module, self.forward_context)
 
-    def manifest(self) -> dict[str, Any]:
-        p = self.preset
-        return {
-            **self.distiller.state(),
-            "cost_totals": self.distiller.cost.state_dict(),
-            "backbone": p.model.backbone,
-            "base_model": self.source,
-            "revision": p.model.revision,
-            "train": p.model.train,
-            "lora": p.model.lora.model_dump() if p.model.train == "lora" else None,
-            "preset": p.model_dump(mode="json"),
-            "prompts_sha256": self.prompts_sha256,
-            # how state/ was written: sharded (FSDP2, torch distributed checkpoint) or whole (one process, DDP)
-            "parallel": {"strategy": self.strategy, "processes": self.accelerator.num_processes},
-        }
-
-    def save_checkpoint(self, iteration: int) -> Path:
-        """Every process saves its accelerate state into one staging folder; the main one finalizes it."""
-        from cdmctl.outputs import reporting_disk_full
-
-        acc = self.accelerator
-        staging = ckpt.staging_dir(self.folder, iteration)
-        discard = (lambda: shutil.rmtree(staging, ignore_errors=True)) if acc.is_main_process else None
-        with reporting_disk_full(staging, cleanup=discard):
-            if acc.is_main_process:
-                shutil.rmtree(staging, ignore_errors=True)
-                staging.mkdir(parents=True)
-            acc.wait_for_everyone()
-            acc.save_state(str(staging / "state"))
-            tensors = self.student_tensors()
-            final = staging.parent / ckpt.checkpoint_name(iteration)
-            if acc.is_main_process:
-                final = ckpt.finalize_checkpoint(staging, iteration, self.manifest(), tensors,
-                                                 keep=self.preset.run.keep_checkpoints, protect=self.kept_apart())
-        acc.wait_for_everyone()
-        return final
-
-    def kept_apart(self) -> set[str]:
-        """Checkpoints that pruning leaves alone: the best one (RUN/best.json)."""
-        from cdmctl.trainingeval import read_best
-
-        best = read_best(self.folder)
-        return {Path(best["checkpoint"]).name} if best else set()
-
-    def student_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """What export needs: the full student (or only its adapter, for LoRA) and its EMA, same keys, whole
-        tensors whatever the sharding. Collective under FSDP2 (every rank gathers); only the main process keeps
-        them (it writes them), the others get empty dicts."""
-        from cdmctl.engine.sharding import gathered
-
-        acc = self.accelerator
-        keep = acc.is_main_process
-        student = acc.unwrap_model(self.roles.student_module)
-        if self.preset.model.train == "lora":
-            from peft import get_peft_model_state_dict
-
-            tensors = {"student": gathered(get_peft_model_state_dict(student), keep=keep)}
-            if self.ema is not None:
-                tensors["ema"] = {lora_key(k): v for k, v in self.ema.state_dict(keep=keep).items()}
-            return tensors
-        state = acc.get_state_dict(self.roles.student_module)  # gathered onto the main process under FSDP2
-        tensors = {"student": state if keep else {}}
-        if self.ema is not None:
-            tensors["ema"] = self.ema.merged_state_dict(state=state, keep=keep)  # loadable strictly
-        return tensors
-
-    def restore(self, checkpoint: Path) -> None:
-        """Weights, optimizer states, EMA and counters exactly as they were saved. `checkpoint` comes from
-        `runfolder.opened_run`, which already checked every one of its files against the manifest."""
-        self.accelerator.load_state(str(checkpoint / "state"))  # FSDP2: re-sharded onto this world size
-        if self.ema is not None:
-            # read tensor by tensor (each rank keeps its part), never the whole file at once; verified with the rest
-            rename = {k: lora_key(k) for k in self.ema.shadow} if self.preset.model.train == "lora" else None
-            stored = checkpoint / ckpt.read_manifest(checkpoint)["files"]["ema"]
-            self.ema.load_state_dict(ckpt.LazyWeights(stored, rename))
-        manifest = ckpt.read_manifest(checkpoint)
-        self.distiller.load_state(manifest)
-        self.distiller.cost.load_state_dict(manifest["cost_totals"])
-        trim_metrics(self.folder, self.distiller.counters.iteration)
-        if self.evaluator is not None:  # evaluations up to the checkpoint are kept, not repeated
-            from cdmctl.runlog import read_metrics
-            from cdmctl.trainingeval import replay
-
-            self.evaluator.totals = replay(self.selection, read_metrics(self.folder))
-
     def start(self, dashboard, stop: StopSignals | None = None) -> RunHooks:
         p = self.preset
         hooks = RunHooks(self, dashboard, stop)
@@ -550,7 +304,7 @@ def train_until_done_or_stopped(preset: Preset, folder: Path, start_from: Path |
         with stop.installed(), reporting_disk_full(folder):  # the log and sample grids fill a disk too
             run = DistillRun(preset, folder)
             if start_from is not None:
-                run.restore(start_from)
+                restore(run, start_from)
             run.start_trackers()
             hooks = train_with_dashboard(run, preset, live, stop, notes)
     except KeyboardInterrupt:

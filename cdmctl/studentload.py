@@ -1,5 +1,6 @@
 """Loading a distilled student, shared by export and generate: a checkpoint's weights put into its family's
-diffusers pipeline, the export folder's format (cdmctl.json, the LoRA file) and dtypes."""
+diffusers pipeline, a pipeline folder or hub id without the parts it never uses, the export folder's format
+(cdmctl.json, the LoRA file) and dtypes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import torch
 
+from cdmctl.backbones.loading import dtype_kwarg
 from cdmctl.config.schema import sampler_of, sampling_of
 from cdmctl.engine.checkpoint import load_weights, verify_checkpoint
 from cdmctl.errors import UserError
@@ -194,3 +196,42 @@ def read_info(folder: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON", "re-export the model, or delete the file") from exc
+
+
+# ----------------------------------------------------------------------------- any diffusers pipeline
+
+
+def is_text_encoder(part: str) -> bool:
+    """diffusers names every text encoder of a pipeline text_encoder, text_encoder_2, ..."""
+    return part.startswith("text_encoder")
+
+
+def load_pipeline(source: str, dtype: torch.dtype, revision: str | None = None, text_encoders: bool = True) -> Any:
+    """Any diffusers pipeline folder or hub id, without the parts its family never uses (LongCat: the text
+    processor, which only prompt rewriting needs and which needs torchvision to load), and without its text
+    encoders if asked."""
+    from diffusers import DiffusionPipeline
+
+    from cdmctl.backbones import adapter_for_pipeline
+
+    index = DiffusionPipeline.load_config(source, revision=revision)
+    adapter = adapter_for_pipeline(index.get("_class_name"))
+    skipped = [*(adapter.unused_parts if adapter is not None else ()),
+               *([] if text_encoders else [part for part in index if is_text_encoder(part)])]  # fmt: skip
+    return DiffusionPipeline.from_pretrained(source, revision=revision, **dict.fromkeys(skipped), **dtype_kwarg(dtype))
+
+
+def load_text_encoders(pipe: Any, source: str, revision: str | None, dtype: torch.dtype, device: torch.device) -> None:
+    """Put into `pipe` the text encoders it was loaded without (`load_pipeline(text_encoders=False)`), from
+    `source`, the model they belong to; nothing when it has them all."""
+    from diffusers import DiffusionPipeline
+
+    missing = [name for name, part in pipe.components.items() if is_text_encoder(name) and part is None]
+    index = DiffusionPipeline.load_config(source, revision=revision) if missing else {}
+    missing = [name for name in missing if (index.get(name) or [None])[0] is not None]  # the model has them
+    if not missing:
+        return
+    others = [part for part in index if not part.startswith("_") and part not in missing]
+    loaded = DiffusionPipeline.from_pretrained(source, revision=revision, **dict.fromkeys(others),
+                                               **dtype_kwarg(dtype))  # fmt: skip
+    pipe.register_modules(**{name: loaded.components[name].to(device) for name in missing})

@@ -169,7 +169,7 @@ class TrainingEvaluator:
 
     def __init__(self, backbone: Any, preset: "Preset", source: str, rank: int, world: int):
         from cdmctl.studentload import sample_as_trained
-        from cdmctl.generate import _student
+        from cdmctl.openmodel import student_of
 
         self.preset, self.rank, self.world = preset, rank, world
         self.prompts = eval_prompts(preset)
@@ -178,7 +178,7 @@ class TrainingEvaluator:
         sample_as_trained(pipe, type(backbone), preset.model_dump(mode="json"))
         info = {"resolution": preset.model.resolution, "max_sequence_length": preset.model.text_length,
                 "base_model": source}  # fmt: skip
-        self.student = _student(pipe, "training", info, source)
+        self.student = student_of(pipe, "training", info, source)
         rows = {p: i for i, p in enumerate(self.prompts)}
         self.student.use_embeddings(lambda chunk: self.cond.index([rows[p] for p in chunk]))
         self.latent_groups = [g for g in LATENT_METRICS if set(g.higher_is_better) & set(preset.eval.metrics)]

@@ -114,12 +114,15 @@ def test_disk_full_during_export_generate_and_eval_is_one_line_and_leaves_no_tem
     assert not [p.name for p in fs.iterdir() if ".tmp" in p.name]
 
 
-def fake_run(folder: Path, save_state) -> SimpleNamespace:
-    """What DistillRun.save_checkpoint reads of its run: one process, a tiny student, a manifest."""
+def fake_run(folder: Path, save_state, monkeypatch) -> SimpleNamespace:
+    """What runcheckpoint.save_checkpoint reads of its run: one process, a tiny student, a manifest."""
+    from cdmctl import runcheckpoint
+
+    monkeypatch.setattr(runcheckpoint, "student_tensors", lambda run: {"student": {"w": torch.ones(4)}})
+    monkeypatch.setattr(runcheckpoint, "manifest", lambda run: {"preset": {}})
     acc = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state)
-    return SimpleNamespace(accelerator=acc, folder=folder, preset=SimpleNamespace(run=SimpleNamespace(keep_checkpoints=None)),
-                           student_tensors=lambda: {"student": {"w": torch.ones(4)}}, manifest=lambda: {"preset": {}},
-                           kept_apart=set)  # fmt: skip
+    return SimpleNamespace(accelerator=acc, folder=folder,
+                           preset=SimpleNamespace(run=SimpleNamespace(keep_checkpoints=None)))  # fmt: skip
 
 
 def write_state(path: str) -> None:
@@ -143,16 +146,16 @@ def safetensors_short_write(*_args, **_kwargs):
                                             ("tensors", safetensors_short_write)])  # fmt: skip
 def test_a_checkpoint_write_failing_for_space_is_discarded_and_the_previous_still_verifies(tmp_path, monkeypatch,
                                                                                          where, failure):  # fmt: skip
-    from cdmctl.run import DistillRun
+    from cdmctl.runcheckpoint import save_checkpoint
 
-    run = fake_run(tmp_path, write_state)
-    previous = DistillRun.save_checkpoint(run, 2)
+    run = fake_run(tmp_path, write_state, monkeypatch)
+    previous = save_checkpoint(run, 2)
     if where == "tensors":
         monkeypatch.setattr(ckpt, "save_tensors", failure)
     else:
         run.accelerator.save_state = lambda path: (write_state(path), failure())
     with pytest.raises(DiskFull, match="no space left on .* writing .*tmp-step-0000004") as caught:
-        DistillRun.save_checkpoint(run, 4)
+        save_checkpoint(run, 4)
     assert caught.value.exit_code == 1
     assert not ckpt.staging_dir(tmp_path, 4).exists()
     assert ckpt.list_checkpoints(tmp_path) == [previous]
