@@ -29,25 +29,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from proving_ground import FREE, free_name, mean_std, quiet_process  # noqa: E402
 
 STEPS = [1, 2, 4, 8]
+# Every variant's overrides on top of today's `demo` (schedule without the time shift, no CA, cosine learning rates)
+# reproduce exactly what its results were measured with; DEMO_0_2 is the demo recipe of release 0.2.0.
+DEMO_0_2 = ["method.schedule.time_shift=true", "method.losses.ca=1", "optim.lr_schedule=constant"]
+FIXED_DDMD = ["method.name=ddmd", "method.schedule.kind=fixed", "method.losses.cdm=0"]
 # name -> (label, base preset, overrides on top of it)
 VARIANTS: dict[str, tuple[str, str, list[str]]] = {
-    "cdm": ("CDM (the demo recipe)", "demo", []),
-    "cdm-ca-dm": ("CA+DM, dynamic (CDM loss off)", "demo", ["method.losses.cdm=0"]),
-    "ddmd": ("D-DMD (CA+DM, fixed 4-step)", "demo", ["method.name=ddmd", "method.schedule.kind=fixed",
-                                                      "method.losses.cdm=0"]),
+    "cdm": ("CDM, the shipped demo (unshifted schedule, DM+CDM, cosine lr)", "demo", []),
+    "cdm-ca-dm": ("the demo without the CDM loss (DM only, dynamic)", "demo", ["method.losses.cdm=0"]),
+    "ddmd": ("D-DMD (CA+DM, fixed 4-step), the 0.2.0 demo's settings", "demo", [*DEMO_0_2, *FIXED_DDMD]),
     "tbcm": ("TBCM (demo-tbcm)", "demo-tbcm", []),
-    # the schedule without the time shift (inference.time_shift follows it: sampled unshifted too)
-    "cdm-unshifted": ("CDM, schedule without the time shift", "demo", ["method.schedule.time_shift=false"]),
-    "cdm-no-ca": ("CDM without the CA loss (the toy's ground truth is unguided)", "demo", ["method.losses.ca=0"]),
-    "cdm-unshifted-no-ca": ("CDM, schedule without the time shift, no CA loss", "demo",
-                            ["method.schedule.time_shift=false", "method.losses.ca=0"]),
-    "cdm-unshifted-no-ca-cosine": ("... and the learning rates decayed by a half cosine to 10%", "demo",
-                                   ["method.schedule.time_shift=false", "method.losses.ca=0", "optim.lr_schedule=cosine"]),
+    "cdm-0.2": ("CDM, the 0.2.0 demo (shifted schedule, CA+DM+CDM, constant lr)", "demo", DEMO_0_2),
+    # one lever at a time from the 0.2.0 demo (the schedule without the time shift: sampled unshifted too)
+    "cdm-unshifted": ("0.2.0 demo, schedule without the time shift", "demo", DEMO_0_2[1:]),
+    "cdm-no-ca": ("0.2.0 demo without the CA loss", "demo", [DEMO_0_2[0], DEMO_0_2[2]]),
+    "cdm-unshifted-no-ca": ("0.2.0 demo, unshifted schedule, no CA (constant lr)", "demo", DEMO_0_2[2:]),
     # a 1-step student: D-DMD at the single level 1.0 (the issue's reference run), without CA, decayed
     "ddmd-1step": ("D-DMD trained for 1 step (fixed level 1.0), no CA, cosine", "demo",
-                   ["method.name=ddmd", "method.schedule.kind=fixed", "method.schedule.levels=[1.0]",
-                    "method.losses.cdm=0", "method.losses.ca=0", "optim.lr_schedule=cosine", "inference.steps=1"]),
+                   [*FIXED_DDMD, "method.schedule.levels=[1.0]", "inference.steps=1"]),
     "tbcm-guided": ("TBCM, rollouts at guidance 1.5", "demo-tbcm", ["method.tbcm.guidance=[1.5]"]),
+    "tbcm-lr1e-5": ("TBCM at the authors' learning rate 1e-5", "demo-tbcm", ["optim.student_lr=1e-5"]),
 }  # fmt: skip
 
 
@@ -262,6 +263,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--stem", default=None, help="result file name (default: budget_curve or budget_curve_<ground>)")
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the runs already in <stem>.runs.jsonl (variants with fewer seeds too)")
     return p.parse_args(argv)
 
 
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         jobs += [{"kind": "run", "variant": v, "seed": seed, "budgets": sorted(args.budgets), "extra": args.extra,
                   "workdir": str(work / f"{v}-s{seed}"), **common}
                  for seed in range(args.seeds) for v in args.variants]  # fmt: skip
-        jobs = [j for j in jobs if (j["variant"], j["seed"]) not in done]
+        jobs = [j for j in jobs if (j["variant"], j["seed"]) not in done and not args.report_only]
         with mp.get_context("spawn").Pool(max(1, min(args.jobs, len(jobs) or 1)), maxtasksperchild=1) as pool:
             for r in pool.imap_unordered(run_job, jobs):
                 results.append(r)
