@@ -187,11 +187,19 @@ def free_best(teacher_rows: dict) -> dict:
     return best
 
 
+def seed_counts(runs: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in runs:
+        out[r["variant"]] = out.get(r["variant"], 0) + 1
+    return out
+
+
 def markdown(report: dict) -> str:
     s, teacher = report["summary"], report["teacher"]
     best = free_best(teacher)
     lines = [f"# Budget curves on the `{report['ground']}` proving ground", "", f"Command: `{report['command']}`", "",
-             f"{report['settings']['seeds']} seeds per variant, checkpoints at {report['settings']['budgets']} "
+             "Seeds per variant: " + ", ".join(f"{v} {n}" for v, n in seed_counts(report["runs"]).items())
+             + f"; checkpoints at {report['settings']['budgets']} (a run's own budgets where it differs) "
              f"iterations, {report['settings']['per_prompt']} samples per prompt, eval seed "
              f"{report['settings']['eval_seed']}; mean ± std over seeds. `@other-shift`: the same checkpoints sampled "
              "at the other choice of time shift. Teacher rows: every training-free sampler (no training).", ""]
