@@ -208,3 +208,58 @@ def grad_clipper(acc: Any):
         return norm.full_tensor() if is_sharded(norm) else norm
 
     return clip
+
+
+def receive_weights(acc: Any, modules: list[Any]) -> None:
+    """Rank 0's weights into every other rank's copies of `modules` (module trees that may share tensors), over the
+    process group: a rank that loaded its transformer on `meta` (`transformer_on_meta`) gets it here, straight into
+    its device memory, without reading the files or holding them in host memory. Every parameter and buffer is
+    replaced on the receiving ranks by one new tensor shaped and typed as rank 0's, and that same tensor goes into
+    every tree that held the old one: tensors the trees shared (a LoRA run's frozen base) stay shared."""
+    import torch
+    import torch.distributed as dist
+
+    if acc.num_processes == 1:
+        return
+    tensors = distinct_tensors(modules)
+    layout = [[(tuple(t.shape), t.dtype) for t in tensors] if acc.is_main_process else None]
+    dist.broadcast_object_list(layout, src=0)
+    if [tuple(t.shape) for t in tensors] != [shape for shape, _ in layout[0]]:
+        raise RuntimeError("the networks of this rank differ in their tensors from rank 0's; cannot receive weights")
+    if not acc.is_main_process:
+        fresh = {id(t): renewed(t, dtype, acc.device) for t, (_, dtype) in zip(tensors, layout[0])}
+        replace_tensors(modules, fresh)
+        tensors = [fresh[id(t)] for t in tensors]
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+def distinct_tensors(modules: list[Any]) -> list[Any]:
+    """Every parameter and buffer of the trees, each once, in the same order on every rank (the trees' own order)."""
+    seen, out = set(), []
+    for module in modules:
+        for sub in module.modules() if module is not None else ():
+            for t in (*sub._parameters.values(), *sub._buffers.values()):
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append(t)
+    return out
+
+
+def renewed(t: Any, dtype: Any, device: Any) -> Any:
+    """An uninitialised tensor like `t` (a parameter stays a parameter, trainable or not) in `dtype` on `device`."""
+    import torch
+
+    data = torch.empty(t.shape, dtype=dtype, device=device)
+    return torch.nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else data
+
+
+def replace_tensors(modules: list[Any], fresh: dict[int, Any]) -> None:
+    """Put `fresh[id(old)]` wherever a tree holds `old`."""
+    for module in modules:
+        for sub in module.modules() if module is not None else ():
+            for table in (sub._parameters, sub._buffers):
+                for name, t in table.items():
+                    if t is not None and id(t) in fresh:
+                        table[name] = fresh[id(t)]

@@ -387,6 +387,13 @@ class ParallelConfig(Section):
         description="fsdp2 only: the frozen teacher sharded like the others (least memory; each of its calls gathers "
         "its weights) or a full bf16 copy on every rank (no communication for its calls, if it fits).",
     )
+    load: Literal["rank0", "every-rank"] = Field(
+        "rank0",
+        description="Several processes: rank0 = only rank 0 reads the transformer's weights; every other rank builds "
+        "it empty (on the meta device) and receives rank 0's weights over the process group, straight into its "
+        "device memory (host memory does not grow with the ranks). every-rank = each rank reads the files itself "
+        "(as earlier versions did: one host copy per rank, no broadcast).",
+    )
     timeout_s: int = Field(
         600, ge=10,
         description="Several processes: how long a rank waits in one collective (a gradient reduce, a barrier) for "
