@@ -45,11 +45,16 @@ def effective_strategy(setting: str, env: Mapping[str, str] | None = None) -> st
 
 
 def check_supported(preset: Any, strategy: str) -> None:
-    """What FSDP2 cannot combine with: bitsandbytes' 8-bit optimizers step plain tensors, not sharded ones."""
+    """What FSDP2 cannot combine with: bitsandbytes' 8-bit optimizers step plain tensors, not sharded ones; an
+    offloaded teacher is whole, not sharded."""
     if strategy == FSDP2 and preset.optim.optimizer != "adamw":
         raise UserError(f"optim.optimizer {preset.optim.optimizer} does not work with FSDP2 (bitsandbytes' 8-bit "
                         "states are not sharded)", "set optim.optimizer to adamw (FSDP2 shards its states already), "
                         "or parallel.strategy to ddp")  # fmt: skip
+    if strategy == FSDP2 and preset.model.teacher_device == "cpu" and preset.parallel.teacher == "shard":
+        raise UserError("model.teacher_device cpu offloads a whole teacher, but parallel.teacher shard shards it",
+                        "set parallel.teacher to replicate (each rank offloads its own copy), or "
+                        "model.teacher_device to accelerator")  # fmt: skip
 
 
 def mixed_precision(precision: str) -> str:
@@ -146,11 +151,13 @@ def wrap_blocks(acc: Any, block_classes: list[type]) -> None:
         acc.state.fsdp_plugin.transformer_cls_names_to_wrap = sorted({c.__name__ for c in block_classes})
 
 
-def prepare_networks(acc: Any, teacher_mode: str, student, teacher, fake, student_opt, fake_opt):
+def prepare_networks(acc: Any, teacher_mode: str, student, teacher, fake, student_opt, fake_opt,
+                     teacher_device: str = "accelerator"):  # fmt: skip
     """The networks and optimizers through accelerate: DDP-wrapped, or FSDP2-sharded (accelerate's FSDP2 takes
-    one model with its optimizer per call); the frozen teacher is sharded too or replicated on every rank."""
+    one model with its optimizer per call); the frozen teacher is sharded too, replicated on every rank, or
+    offloaded to host memory."""
     (student, student_opt), (fake, fake_opt) = prepare_trained(acc, [(student, student_opt), (fake, fake_opt)])
-    return student, place_teacher(acc, teacher_mode, teacher), fake, student_opt, fake_opt
+    return student, place_teacher(acc, teacher_mode, teacher, teacher_device), fake, student_opt, fake_opt
 
 
 def prepare_trained(acc: Any, pairs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
@@ -176,11 +183,27 @@ def prepare_trained(acc: Any, pairs: list[tuple[Any, Any]]) -> list[tuple[Any, A
     return out
 
 
-def place_teacher(acc: Any, teacher_mode: str, teacher):
-    """The frozen teacher on this rank's device: whole, or sharded under FSDP2 with `parallel.teacher shard`."""
+def place_teacher(acc: Any, teacher_mode: str, teacher, teacher_device: str = "accelerator"):
+    """The frozen teacher on this rank's device: whole, sharded under FSDP2 with `parallel.teacher shard`, or in
+    host memory (`model.teacher_device cpu`)."""
+    if teacher_device == "cpu":
+        return offload_frozen(teacher, acc.device)
     if acc.is_fsdp2 and teacher_mode == "shard":
         return shard_frozen(acc, teacher)
     return teacher.to(acc.device)
+
+
+def offload_frozen(module, device):
+    """diffusers' group offloading of a frozen module: its weights live in host memory, each transformer block (each
+    ModuleList entry) is copied to `device` for its forward and dropped after; on CUDA a side stream copies the next
+    block while the current one computes."""
+    import torch
+    from diffusers.hooks import apply_group_offloading
+
+    cuda = torch.device(device).type == "cuda"
+    apply_group_offloading(module.to("cpu"), onload_device=device, offload_device="cpu", offload_type="block_level",
+                           num_blocks_per_group=1, use_stream=cuda, non_blocking=cuda)  # fmt: skip
+    return module
 
 
 def shard_frozen(acc: Any, module):

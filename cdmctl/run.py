@@ -364,7 +364,7 @@ class DistillRun:
         student_opt = adamw(student, preset.optim.student_lr, preset)
         head_opt = adamw(head, preset.method.tbcm.logvar_lr or preset.optim.student_lr, preset, weight_decay=0.0)
         (student, student_opt), (head, head_opt) = prepare_trained(acc, [(student, student_opt), (head, head_opt)])
-        teacher = place_teacher(acc, preset.parallel.teacher, teacher)
+        teacher = place_teacher(acc, preset.parallel.teacher, teacher, preset.model.teacher_device)
         self.forward_context = forward_context(acc.autocast, preset.model.attention_backend)
         self.roles = Roles(self.backbone, student, teacher, None, autocast=self.forward_context,
                            unwrap=acc.unwrap_model)  # fmt: skip
@@ -396,7 +396,7 @@ class DistillRun:
         receive_weights(acc, [student, teacher, fake])  # before the optimizers take the parameters
         student_opt, fake_opt = adamw(student, preset.optim.student_lr, preset), adamw(fake, preset.optim.fake_lr, preset)
         student, teacher, fake, student_opt, fake_opt = prepare_networks(
-            acc, preset.parallel.teacher, student, teacher, fake, student_opt, fake_opt)
+            acc, preset.parallel.teacher, student, teacher, fake, student_opt, fake_opt, preset.model.teacher_device)
         self.forward_context = forward_context(acc.autocast, preset.model.attention_backend)
         self.roles = Roles(self.backbone, student, teacher, fake, autocast=self.forward_context, unwrap=acc.unwrap_model)
         self.ema = self.student_ema(student)
