@@ -202,3 +202,23 @@ def test_an_offloaded_teacher_needs_its_own_weights_and_a_whole_teacher(tiny_sd3
     with pytest.raises(UserError, match="set parallel.teacher to replicate"):
         check_supported(preset, FSDP2)
     check_supported(preset_with(tiny_sd3_dir, "model.teacher_device=cpu", "parallel.teacher=replicate"), FSDP2)
+
+
+def test_a_bf16_teacher_is_copied_from_the_loaded_weights_never_from_float32_masters(tiny_sd3_dir, monkeypatch):
+    import copy
+    from types import SimpleNamespace
+
+    import cdmctl.networks as networks
+
+    copied = []
+
+    def deepcopy(module, memo=None):
+        copied.append({p.dtype for p in module.parameters()})
+        return copy.deepcopy(module, memo)
+
+    monkeypatch.setattr(networks, "copy", SimpleNamespace(deepcopy=deepcopy))
+    backbone = SD3Backbone.from_pretrained(str(tiny_sd3_dir), dtype=torch.bfloat16)
+    student, teacher, _ = build_networks(backbone, preset_with(tiny_sd3_dir), torch.bfloat16)
+    assert copied[0] == {torch.bfloat16}  # the teacher's copy: made before the student became float32
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
