@@ -62,10 +62,10 @@ def worker(model: Path, train: str, load: str, out: Path) -> None:
     with transformer_on_meta(empty):
         backbone = load_backbone("sd3", str(model), dtype=torch.float32, device=acc.device)
     marks["loaded"] = high_water_mib()
+    params = sum(p.numel() for p in backbone.transformer.parameters())  # before LoRA adds its adapters
     student, teacher, fake = build_networks(backbone, preset, torch.float32)
     receive_weights(acc, [student, teacher, fake])
     marks["networks"] = high_water_mib()
-    params = sum(p.numel() for p in backbone.transformer.parameters())
     record = {"rank": acc.process_index, "marks_mib": marks, "transformer_params": params}
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(record))
 
