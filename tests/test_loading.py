@@ -92,9 +92,23 @@ def launch(model: Path, train: str, load: str, out: Path, processes: int) -> lis
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
 
 
+@pytest.fixture(scope="module")
+def one_process(tiny_sd3_dir, tmp_path_factory):
+    """train -> the networks of a one-process load (which never starts on meta), launched once per module."""
+    done = {}
+
+    def get(train: str) -> dict:
+        if train not in done:
+            (done[train],) = launch(tiny_sd3_dir, train, "rank0", tmp_path_factory.mktemp(f"one-{train}"), 1)
+        return done[train]
+
+    return get
+
+
 @pytest.mark.parametrize("train", ["full", "lora"])
-def test_a_rank_that_starts_on_meta_ends_with_exactly_the_weights_of_a_full_load(tiny_sd3_dir, tmp_path, train):
-    (one,) = launch(tiny_sd3_dir, train, "rank0", tmp_path / "one", 1)
+def test_a_rank_that_starts_on_meta_ends_with_exactly_the_weights_of_a_full_load(tiny_sd3_dir, tmp_path, train,
+                                                                                 one_process):  # fmt: skip
+    one = one_process(train)
     ranks = launch(tiny_sd3_dir, train, "rank0", tmp_path / "two", 2)
     assert [r["started_on_meta"] for r in ranks] == [False, True]  # rank 1 never read the weights
     for rank in ranks:
@@ -107,8 +121,8 @@ def test_a_rank_that_starts_on_meta_ends_with_exactly_the_weights_of_a_full_load
         assert not one["shared"]
 
 
-def test_every_rank_reading_the_files_itself_is_still_there(tiny_sd3_dir, tmp_path):
-    (one,) = launch(tiny_sd3_dir, "lora", "every-rank", tmp_path / "one", 1)
+def test_every_rank_reading_the_files_itself_is_still_there(tiny_sd3_dir, tmp_path, one_process):
+    one = one_process("lora")
     ranks = launch(tiny_sd3_dir, "lora", "every-rank", tmp_path / "two", 2)
     assert [r["started_on_meta"] for r in ranks] == [False, False]
     assert all(r["hashes"] == one["hashes"] and r["shared"] == one["shared"] for r in ranks)
