@@ -64,7 +64,8 @@ def worker(model: Path, train: str, load: str, out: Path) -> None:
     marks["loaded"] = high_water_mib()
     params = sum(p.numel() for p in backbone.transformer.parameters())  # before LoRA adds its adapters
     student, teacher, fake = build_networks(backbone, preset, torch.float32)
-    receive_weights(acc, [student, teacher, fake])
+    if load == "rank0":  # as DistillRun: every-rank loads leave each rank's own weights
+        receive_weights(acc, [student, teacher, fake])
     marks["networks"] = high_water_mib()
     record = {"rank": acc.process_index, "marks_mib": marks, "transformer_params": params}
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(record))

@@ -358,7 +358,8 @@ class DistillRun:
 
         set_seed(preset.train.seed)
         student, teacher, _ = build_networks(self.backbone, preset, compute, fake=False)
-        receive_weights(acc, [student, teacher])
+        if preset.parallel.load == "rank0":
+            receive_weights(acc, [student, teacher])
         # the head's fixed Fourier features come from their own stream, not the global generator
         head = LogVarHead(generator=generator(preset.train.seed, "logvar-head"))
         student_opt = adamw(student, preset.optim.student_lr, preset)
@@ -393,7 +394,8 @@ class DistillRun:
         # RNG states a checkpoint stores (and any library drawing from them) are reproducible as well
         set_seed(preset.train.seed)
         student, teacher, fake = build_networks(self.backbone, preset, compute)
-        receive_weights(acc, [student, teacher, fake])  # before the optimizers take the parameters
+        if preset.parallel.load == "rank0":
+            receive_weights(acc, [student, teacher, fake])  # before the optimizers take the parameters
         student_opt, fake_opt = adamw(student, preset.optim.student_lr, preset), adamw(fake, preset.optim.fake_lr, preset)
         student, teacher, fake, student_opt, fake_opt = prepare_networks(
             acc, preset.parallel.teacher, student, teacher, fake, student_opt, fake_opt, preset.model.teacher_device)

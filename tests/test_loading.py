@@ -65,7 +65,8 @@ def build(model: Path, train: str, load: str, world: int) -> tuple[dict, bool]:
         backbone = load_backbone("sd3", str(model), dtype=torch.bfloat16, device=acc.device)
     started_on_meta = any(p.is_meta for p in backbone.transformer.parameters())
     student, teacher, fake = build_networks(backbone, preset, torch.bfloat16)
-    receive_weights(acc, [student, teacher, fake])
+    if load == "rank0":  # as DistillRun: every-rank loads leave each rank's own weights
+        receive_weights(acc, [student, teacher, fake])
     return describe(dict(zip(TREES, (student, teacher, fake)))), started_on_meta
 
 
