@@ -81,38 +81,49 @@ def distiller(preset_name: str, overrides: list[str], batch: int, seed: int) -> 
                      adamw(fake, 1e-5, preset), None, make_batch, lambda s, steps: toy.shift(s, 32, 32, steps), seed)  # fmt: skip
 
 
-def forward_equivalents(d: Distiller, updates: int, batch: int) -> float:
-    """Mean (forward + 2 backward) samples per sample per student update, over `updates` updates."""
+PARTS = ("simulation", "student", "teacher", "fake")
+
+
+def forward_equivalents(d: Distiller, updates: int, batch: int) -> dict[str, float]:
+    """Mean (forward + 2 backward) samples per sample per student update, over `updates` updates: in total and
+    by part (the simulation is the student's forwards without gradient: its forwards minus its backwards)."""
     before = d.cost.totals_record()
     for _ in range(updates * d.method.ttur_ratio):
         d.iteration()
     after = d.cost.totals_record()
-    fwd = sum(after[k] - before.get(k, 0) for k in after if k.endswith("_fwd"))
-    bwd = sum(after[k] - before.get(k, 0) for k in after if k.endswith("_bwd"))
-    return (fwd + 2 * bwd) / (updates * batch)
+    n = {k[len("cost/total_"):]: after[k] - before.get(k, 0) for k in after}
+    parts = {"simulation": n["student_fwd"] - n["student_bwd"], "student": 3 * n["student_bwd"],
+             "teacher": n["teacher_fwd"], "fake": n["fake_fwd"] + 2 * n["fake_bwd"]}  # fmt: skip
+    parts = {k: v / (updates * batch) for k, v in parts.items()}
+    return {"total": sum(parts.values()), **parts}
 
 
-def measure(args: argparse.Namespace) -> dict[str, list[float]]:
+def measure(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
     results = {}
     for label, (preset, overrides) in ROWS.items():
         results[label] = [forward_equivalents(distiller(preset, overrides, args.batch, seed), args.updates, args.batch)
                           for seed in range(args.seeds)]  # fmt: skip
-        print(f"{label}: {statistics.mean(results[label]):.2f}", flush=True)
+        print(f"{label}: {statistics.mean(r['total'] for r in results[label]):.2f}", flush=True)
     return results
 
 
-def report(results: dict[str, list[float]], args: argparse.Namespace) -> str:
-    base = statistics.mean(results[BASELINE])
+def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> str:
+    base = statistics.mean(r["total"] for r in results[BASELINE])
     lines = ["# Cost of one student update: forward-equivalents per sample", "",
              f"Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`; {args.seeds} seeds x "
              f"{args.updates} student updates per row, batch {args.batch}; forward = 1, backward = 2 per sample "
              "and network (the engine's CostCounter). Target of the performance issue: CDM <= 1.3x D-DMD.", "",
-             "| configuration | forward-equivalents / sample / student update (mean ± std over seeds) | vs D-DMD |",
-             "|---|---|---|"]  # fmt: skip
-    for label, values in results.items():
+             "By part (means): simulation = the student's forwards without gradient; student = its forward and "
+             "backward with gradient; teacher = the frozen teacher's forwards; fake = the fake teacher's forwards "
+             "(its update's and the student loss's) and its update's backward.", "",
+             "| configuration | forward-equivalents / sample / student update (mean ± std over seeds) | vs D-DMD | "
+             "simulation | student | teacher | fake |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, rows in results.items():
+        values = [r["total"] for r in rows]
         mean = statistics.mean(values)
         std = statistics.stdev(values) if len(values) > 1 else 0.0
-        lines.append(f"| {label} | {mean:.2f} ± {std:.2f} | {mean / base:.2f}x |")
+        parts = " | ".join(f"{statistics.mean(r[p] for r in rows):.2f}" for p in PARTS)
+        lines.append(f"| {label} | {mean:.2f} ± {std:.2f} | {mean / base:.2f}x | {parts} |")
     return "\n".join(lines) + "\n"
 
 

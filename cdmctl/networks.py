@@ -25,11 +25,13 @@ def build_networks(backbone: Backbone, preset: Preset, compute_dtype: torch.dtyp
     if preset.model.train == "lora":
         student, teacher, fake_net = lora_networks(base, backbone, preset, frozen_dtype, fake)
     else:
+        # the teacher is copied from the weights as loaded (the compute dtype) before the student's float32 masters
+        # exist: a bf16 teacher never has a float32 copy, not even for a moment (the same values: bf16 -> float32
+        # -> bf16 is exact)
+        teacher = copy.deepcopy(base).to(frozen_dtype)
         if any(p.dtype != torch.float32 for p in base.parameters()):
             base.float()  # float32 masters for the trained copies
-        student, teacher = base, copy.deepcopy(base)
-        if frozen_dtype != torch.float32:
-            teacher.to(frozen_dtype)  # frozen: no float32 master needed
+        student = base
         student.requires_grad_(True)
         if not fake:
             fake_net = None

@@ -45,11 +45,16 @@ def effective_strategy(setting: str, env: Mapping[str, str] | None = None) -> st
 
 
 def check_supported(preset: Any, strategy: str) -> None:
-    """What FSDP2 cannot combine with: bitsandbytes' 8-bit optimizers step plain tensors, not sharded ones."""
+    """What FSDP2 cannot combine with: bitsandbytes' 8-bit optimizers step plain tensors, not sharded ones; an
+    offloaded teacher is whole, not sharded."""
     if strategy == FSDP2 and preset.optim.optimizer != "adamw":
         raise UserError(f"optim.optimizer {preset.optim.optimizer} does not work with FSDP2 (bitsandbytes' 8-bit "
                         "states are not sharded)", "set optim.optimizer to adamw (FSDP2 shards its states already), "
                         "or parallel.strategy to ddp")  # fmt: skip
+    if strategy == FSDP2 and preset.model.teacher_device == "cpu" and preset.parallel.teacher == "shard":
+        raise UserError("model.teacher_device cpu offloads a whole teacher, but parallel.teacher shard shards it",
+                        "set parallel.teacher to replicate (each rank offloads its own copy), or "
+                        "model.teacher_device to accelerator")  # fmt: skip
 
 
 def mixed_precision(precision: str) -> str:
@@ -146,11 +151,13 @@ def wrap_blocks(acc: Any, block_classes: list[type]) -> None:
         acc.state.fsdp_plugin.transformer_cls_names_to_wrap = sorted({c.__name__ for c in block_classes})
 
 
-def prepare_networks(acc: Any, teacher_mode: str, student, teacher, fake, student_opt, fake_opt):
+def prepare_networks(acc: Any, teacher_mode: str, student, teacher, fake, student_opt, fake_opt,
+                     teacher_device: str = "accelerator"):  # fmt: skip
     """The networks and optimizers through accelerate: DDP-wrapped, or FSDP2-sharded (accelerate's FSDP2 takes
-    one model with its optimizer per call); the frozen teacher is sharded too or replicated on every rank."""
+    one model with its optimizer per call); the frozen teacher is sharded too, replicated on every rank, or
+    offloaded to host memory."""
     (student, student_opt), (fake, fake_opt) = prepare_trained(acc, [(student, student_opt), (fake, fake_opt)])
-    return student, place_teacher(acc, teacher_mode, teacher), fake, student_opt, fake_opt
+    return student, place_teacher(acc, teacher_mode, teacher, teacher_device), fake, student_opt, fake_opt
 
 
 def prepare_trained(acc: Any, pairs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
@@ -176,11 +183,27 @@ def prepare_trained(acc: Any, pairs: list[tuple[Any, Any]]) -> list[tuple[Any, A
     return out
 
 
-def place_teacher(acc: Any, teacher_mode: str, teacher):
-    """The frozen teacher on this rank's device: whole, or sharded under FSDP2 with `parallel.teacher shard`."""
+def place_teacher(acc: Any, teacher_mode: str, teacher, teacher_device: str = "accelerator"):
+    """The frozen teacher on this rank's device: whole, sharded under FSDP2 with `parallel.teacher shard`, or in
+    host memory (`model.teacher_device cpu`)."""
+    if teacher_device == "cpu":
+        return offload_frozen(teacher, acc.device)
     if acc.is_fsdp2 and teacher_mode == "shard":
         return shard_frozen(acc, teacher)
     return teacher.to(acc.device)
+
+
+def offload_frozen(module, device):
+    """diffusers' group offloading of a frozen module: its weights live in host memory, each transformer block (each
+    ModuleList entry) is copied to `device` for its forward and dropped after; on CUDA a side stream copies the next
+    block while the current one computes."""
+    import torch
+    from diffusers.hooks import apply_group_offloading
+
+    cuda = torch.device(device).type == "cuda"
+    apply_group_offloading(module.to("cpu"), onload_device=device, offload_device="cpu", offload_type="block_level",
+                           num_blocks_per_group=1, use_stream=cuda, non_blocking=cuda)  # fmt: skip
+    return module
 
 
 def shard_frozen(acc: Any, module):
@@ -208,3 +231,58 @@ def grad_clipper(acc: Any):
         return norm.full_tensor() if is_sharded(norm) else norm
 
     return clip
+
+
+def receive_weights(acc: Any, modules: list[Any]) -> None:
+    """Rank 0's weights into every other rank's copies of `modules` (module trees that may share tensors), over the
+    process group: a rank that loaded its transformer on `meta` (`transformer_on_meta`) gets it here, straight into
+    its device memory, without reading the files or holding them in host memory. Every parameter and buffer is
+    replaced on the receiving ranks by one new tensor shaped and typed as rank 0's, and that same tensor goes into
+    every tree that held the old one: tensors the trees shared (a LoRA run's frozen base) stay shared."""
+    import torch
+    import torch.distributed as dist
+
+    if acc.num_processes == 1:
+        return
+    tensors = distinct_tensors(modules)
+    layout = [[(tuple(t.shape), t.dtype) for t in tensors] if acc.is_main_process else None]
+    dist.broadcast_object_list(layout, src=0)
+    if [tuple(t.shape) for t in tensors] != [shape for shape, _ in layout[0]]:
+        raise RuntimeError("the networks of this rank differ in their tensors from rank 0's; cannot receive weights")
+    if not acc.is_main_process:
+        fresh = {id(t): renewed(t, dtype, acc.device) for t, (_, dtype) in zip(tensors, layout[0])}
+        replace_tensors(modules, fresh)
+        tensors = [fresh[id(t)] for t in tensors]
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+def distinct_tensors(modules: list[Any]) -> list[Any]:
+    """Every parameter and buffer of the trees, each once, in the same order on every rank (the trees' own order)."""
+    seen, out = set(), []
+    for module in modules:
+        for sub in module.modules() if module is not None else ():
+            for t in (*sub._parameters.values(), *sub._buffers.values()):
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append(t)
+    return out
+
+
+def renewed(t: Any, dtype: Any, device: Any) -> Any:
+    """An uninitialised tensor like `t` (a parameter stays a parameter, trainable or not) in `dtype` on `device`."""
+    import torch
+
+    data = torch.empty(t.shape, dtype=dtype, device=device)
+    return torch.nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else data
+
+
+def replace_tensors(modules: list[Any], fresh: dict[int, Any]) -> None:
+    """Put `fresh[id(old)]` wherever a tree holds `old`."""
+    for module in modules:
+        for sub in module.modules() if module is not None else ():
+            for table in (sub._parameters, sub._buffers):
+                for name, t in table.items():
+                    if t is not None and id(t) in fresh:
+                        table[name] = fresh[id(t)]

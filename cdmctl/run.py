@@ -12,6 +12,7 @@ from torch import nn
 
 from cdmctl.backbones import load_backbone, resolve_source
 from cdmctl.backbones.base import Backbone
+from cdmctl.backbones.loading import transformer_on_meta
 from cdmctl.config.schema import Preset, sampling_of
 from cdmctl.engine import checkpoint as ckpt
 from cdmctl.engine.ema import StudentEMA
@@ -24,7 +25,7 @@ from cdmctl.engine.trigflow import LogVarHead, consistency_sample
 from cdmctl.errors import UserError
 from cdmctl.networks import adamw, build_networks, forward_context
 from cdmctl.parallel import (FSDP2, build_accelerator, effective_strategy, grad_clipper, place_teacher,
-                             prepare_networks, prepare_trained, wrap_blocks)
+                             prepare_networks, prepare_trained, receive_weights, wrap_blocks)
 from cdmctl.plugins import RUN_REPORTS, register_run_report  # noqa: F401 (plugins register reports; a cheap import)
 from cdmctl.prompts import prompt_file_sha256
 from cdmctl.quiet import quiet_libraries
@@ -196,12 +197,14 @@ class DistillRun:
 
         set_seed(preset.train.seed)
         student, teacher, _ = build_networks(self.backbone, preset, compute, fake=False)
+        if preset.parallel.load == "rank0":
+            receive_weights(acc, [student, teacher])
         # the head's fixed Fourier features come from their own stream, not the global generator
         head = LogVarHead(generator=generator(preset.train.seed, "logvar-head"))
         student_opt = adamw(student, preset.optim.student_lr, preset)
         head_opt = adamw(head, preset.method.tbcm.logvar_lr or preset.optim.student_lr, preset, weight_decay=0.0)
         (student, student_opt), (head, head_opt) = prepare_trained(acc, [(student, student_opt), (head, head_opt)])
-        teacher = place_teacher(acc, preset.parallel.teacher, teacher)
+        teacher = place_teacher(acc, preset.parallel.teacher, teacher, preset.model.teacher_device)
         self.forward_context = forward_context(acc.autocast, preset.model.attention_backend)
         self.roles = Roles(self.backbone, student, teacher, None, autocast=self.forward_context,
                            unwrap=acc.unwrap_model)  # fmt: skip
@@ -214,8 +217,12 @@ class DistillRun:
         """Every part in the compute dtype on the training device; trained copies get float32 masters later."""
         model = self.preset.model
         extra = {"max_sequence_length": model.text_length} if model.text_length else {}
-        return load_backbone(model.backbone, self.source, revision=model.revision, dtype=compute,
-                             device=self.accelerator.device, **extra)  # fmt: skip
+        acc = self.accelerator
+        # rank0: the other ranks build the transformer empty and get its weights in `receive_weights`
+        empty = self.preset.parallel.load == "rank0" and acc.num_processes > 1 and not acc.is_main_process
+        with transformer_on_meta(empty):
+            return load_backbone(model.backbone, self.source, revision=model.revision, dtype=compute,
+                                 device=acc.device, **extra)  # fmt: skip
 
     def build_roles(self, compute: torch.dtype) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
         """Networks, their optimizers (through accelerate), the roles over them and the student EMA."""
@@ -226,9 +233,11 @@ class DistillRun:
         # RNG states a checkpoint stores (and any library drawing from them) are reproducible as well
         set_seed(preset.train.seed)
         student, teacher, fake = build_networks(self.backbone, preset, compute)
+        if preset.parallel.load == "rank0":
+            receive_weights(acc, [student, teacher, fake])  # before the optimizers take the parameters
         student_opt, fake_opt = adamw(student, preset.optim.student_lr, preset), adamw(fake, preset.optim.fake_lr, preset)
         student, teacher, fake, student_opt, fake_opt = prepare_networks(
-            acc, preset.parallel.teacher, student, teacher, fake, student_opt, fake_opt)
+            acc, preset.parallel.teacher, student, teacher, fake, student_opt, fake_opt, preset.model.teacher_device)
         self.forward_context = forward_context(acc.autocast, preset.model.attention_backend)
         self.roles = Roles(self.backbone, student, teacher, fake, autocast=self.forward_context, unwrap=acc.unwrap_model)
         self.ema = self.student_ema(student)

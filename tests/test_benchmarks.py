@@ -21,7 +21,10 @@ def test_update_cost_runs_every_row_and_reports_ratios(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "x |" in line]
     assert len(rows) == len(__import__("update_cost").ROWS)
-    assert rows[0].endswith("| 1.00x |")  # the baseline against itself
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[2] == "1.00x"  # the baseline against itself
+    total, parts = float(cells[1].split()[0]), [float(c) for c in cells[3:]]
+    assert len(parts) == 4 and abs(sum(parts) - total) < 0.02  # simulation + student + teacher + fake
 
 
 def test_one_gpu_memory_is_the_stated_bytes_per_parameter():

@@ -167,3 +167,58 @@ def test_frozen_precision_sets_the_dtype_of_the_frozen_weights_only(tiny_sd3_dir
 
     assert dtypes("compute") == ({torch.bfloat16}, {torch.float32})
     assert dtypes("fp32") == ({torch.float32}, {torch.float32})
+
+
+def test_an_offloaded_teacher_is_copied_in_block_by_block_and_predicts_as_before(tiny_sd3_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    from diffusers.hooks.group_offloading import ModuleGroup
+
+    from cdmctl.parallel import place_teacher
+
+    backbone = SD3Backbone.from_pretrained(str(tiny_sd3_dir))
+    preset = preset_with(tiny_sd3_dir, "model.teacher_device=cpu")
+    _, teacher, _ = build_networks(backbone, preset, torch.float32)
+    before = velocity(backbone, teacher)
+    onloads = []
+    real_onload = ModuleGroup.onload_
+    monkeypatch.setattr(ModuleGroup, "onload_", lambda group: onloads.append(group) or real_onload(group))
+    acc = SimpleNamespace(device=torch.device("cpu"), is_fsdp2=False)
+    placed = place_teacher(acc, "shard", teacher, preset.model.teacher_device)
+    after = velocity(backbone, placed)
+    blocks = len(teacher.transformer_blocks)
+    assert len(onloads) >= blocks  # every block (and the unblocked rest) brought in for the forward
+    assert all(p.device.type == "cpu" for p in placed.parameters())
+    torch.testing.assert_close(after, before)
+
+
+def test_an_offloaded_teacher_needs_its_own_weights_and_a_whole_teacher(tiny_sd3_dir):
+    from cdmctl.parallel import FSDP2, check_supported
+
+    for sets in (["model.train=lora"], ["model.fake_teacher=lora", "method.merge_decay=1"]):
+        with pytest.raises(UserError, match="shared with trained networks"):
+            preset_with(tiny_sd3_dir, "model.teacher_device=cpu", *sets)
+    preset = preset_with(tiny_sd3_dir, "model.teacher_device=cpu")
+    with pytest.raises(UserError, match="set parallel.teacher to replicate"):
+        check_supported(preset, FSDP2)
+    check_supported(preset_with(tiny_sd3_dir, "model.teacher_device=cpu", "parallel.teacher=replicate"), FSDP2)
+
+
+def test_a_bf16_teacher_is_copied_from_the_loaded_weights_never_from_float32_masters(tiny_sd3_dir, monkeypatch):
+    import copy
+    from types import SimpleNamespace
+
+    import cdmctl.networks as networks
+
+    copied = []
+
+    def deepcopy(module, memo=None):
+        copied.append({p.dtype for p in module.parameters()})
+        return copy.deepcopy(module, memo)
+
+    monkeypatch.setattr(networks, "copy", SimpleNamespace(deepcopy=deepcopy))
+    backbone = SD3Backbone.from_pretrained(str(tiny_sd3_dir), dtype=torch.bfloat16)
+    student, teacher, _ = build_networks(backbone, preset_with(tiny_sd3_dir), torch.bfloat16)
+    assert copied[0] == {torch.bfloat16}  # the teacher's copy: made before the student became float32
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in student.parameters()} == {torch.float32}

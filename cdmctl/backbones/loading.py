@@ -7,7 +7,10 @@ loaded.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,20 @@ from torch import nn
 from cdmctl.errors import UserError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# set by `transformer_on_meta`: load_parts builds the transformer without reading its weights
+_META_TRANSFORMER = contextvars.ContextVar("cdmctl_meta_transformer", default=False)
+
+
+@contextlib.contextmanager
+def transformer_on_meta(active: bool = True) -> Iterator[None]:
+    """Within this context (when `active`), `load_parts` builds the transformer from its config on the `meta` device
+    and never reads its weights: a rank that receives them from rank 0 (`cdmctl.parallel.receive_weights`) holds no
+    copy of the files in host memory. Buffers computed at construction stay real."""
+    token = _META_TRANSFORMER.set(active)
+    try:
+        yield
+    finally:
+        _META_TRANSFORMER.reset(token)
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -120,9 +137,12 @@ def load_parts(adapter: Any, source: str, *, revision: str | None, dtype: torch.
     `skip`, on `device` in `dtype`, frozen except the transformer. One code path for folders and hub ids."""
     folder = local_folder(source, adapter.example_id, adapter.builtin)  # before diffusers: a bad path fails at once
     location = str(folder) if folder is not None else source
-    check_family(read_index(location, source, revision), adapter, location, source)
+    index = read_index(location, source, revision)
+    check_family(index, adapter, location, source)
     pipeline_class = adapter.diffusers_pipeline()
     none = {name: None for name in (*adapter.unused_parts, *skip)}
+    if _META_TRANSFORMER.get() and "transformer" not in none:
+        none["transformer"] = empty_transformer(index, location, revision)
     try:
         pipe = pipeline_class.from_pretrained(location, revision=revision, **dtype_kwarg(dtype), **none)
     except (OSError, ValueError) as e:
@@ -134,7 +154,22 @@ def load_parts(adapter: Any, source: str, *, revision: str | None, dtype: torch.
     parts = dict(pipe.components)
     for name, module in parts.items():
         if isinstance(module, nn.Module):
-            module.to(device)
+            if not any(p.is_meta for p in module.parameters()):  # a meta transformer waits for its weights
+                module.to(device)
             if name != "transformer":
                 module.requires_grad_(False)
     return parts
+
+
+def empty_transformer(index: dict[str, Any], location: str, revision: str | None) -> nn.Module:
+    """The pipeline's transformer class built from its config with every parameter on `meta` (no memory, no file
+    read); buffers computed at construction (position tables) are real. Shapes are all it needs to be right: each
+    tensor takes rank 0's dtype and values when received."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    model_class = getattr(diffusers, index["transformer"][1])
+    config = model_class.load_config(location, subfolder="transformer", revision=revision)
+    with init_empty_weights(include_buffers=False):
+        model = model_class.from_config(config)
+    return model

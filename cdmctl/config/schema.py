@@ -65,6 +65,14 @@ class ModelConfig(Section):
         "`precision` (bf16: 2 bytes per parameter) or float32 (4 bytes; exactly the teacher's float32 weights under "
         "autocast). Trained weights always keep float32 masters.",
     )
+    teacher_device: Literal["accelerator", "cpu"] = Field(
+        "accelerator",
+        description="Where the frozen teacher's weights live. cpu: in host memory, each transformer block copied to "
+        "the GPU for its part of every teacher call (diffusers' group offloading; on CUDA the next block's copy "
+        "overlaps the current block's compute): frees the teacher's GPU memory (2 bytes per parameter in bf16) for "
+        "a host-to-device copy of it per call. Needs model.train full with a full fake teacher (a LoRA base is "
+        "shared with trained networks) and, under FSDP2, parallel.teacher replicate.",
+    )
     compile: bool = Field(
         False,
         description="Regional torch.compile: every transformer block (the backbone's block classes) is compiled in "
@@ -85,6 +93,10 @@ class ModelConfig(Section):
         if self.train == "lora" and self.fake_teacher == "full":
             raise ValueError("a LoRA student's fake teacher is an adapter over the same frozen base: "
                              "set model.fake_teacher to lora (or null)")
+        if self.teacher_device == "cpu" and (self.train != "full" or self.fake_kind != "full"):
+            raise ValueError("model.teacher_device cpu offloads the teacher's own weights, but under LoRA they are "
+                             "shared with trained networks: set model.train and model.fake_teacher to full, or "
+                             "model.teacher_device to accelerator")
         return self
 
     @property
@@ -391,6 +403,13 @@ class ParallelConfig(Section):
         "shard",
         description="fsdp2 only: the frozen teacher sharded like the others (least memory; each of its calls gathers "
         "its weights) or a full bf16 copy on every rank (no communication for its calls, if it fits).",
+    )
+    load: Literal["rank0", "every-rank"] = Field(
+        "rank0",
+        description="Several processes: rank0 = only rank 0 reads the transformer's weights; every other rank builds "
+        "it empty (on the meta device) and receives rank 0's weights over the process group, straight into its "
+        "device memory (host memory does not grow with the ranks). every-rank = each rank reads the files itself "
+        "(as earlier versions did: one host copy per rank, no broadcast).",
     )
     timeout_s: int = Field(
         600, ge=10,
