@@ -128,7 +128,25 @@ def images(out: Path) -> list:
     return [Image.open(p) for p in sorted((out / "images").glob("*.png"))]
 
 
-def test_eval_reuses_the_runs_cache_encodes_new_prompts_once_and_matches_live_prompts(run_with_cache, tmp_path):
+EVAL_PROMPTS = "a red cube\na blue ball\na green tree\n"
+
+
+@pytest.fixture(scope="module")
+def live_images(run_with_cache, tmp_path_factory) -> tuple[Path, Path]:
+    """(a prompt file of EVAL_PROMPTS, the folder of their images from prompt strings on one process): what both
+    tests below compare their cached-embedding images with."""
+    run, _, cache = run_with_cache
+    root = tmp_path_factory.mktemp("live")
+    prompts = root / "eval.txt"
+    prompts.write_text(EVAL_PROMPTS)
+    live = cdmctl_eval("--model", str(run), "--embedding-cache", str(cache), "--prompts", str(prompts), "--out",
+                       str(root / "live"), "--no-cache-embeddings")  # fmt: skip
+    assert "prompt embeddings" not in live.stdout
+    return prompts, root / "live"
+
+
+def test_eval_reuses_the_runs_cache_encodes_new_prompts_once_and_matches_live_prompts(run_with_cache, live_images,
+                                                                                     tmp_path):  # fmt: skip
     run, train_prompts, cache = run_with_cache
     built_by_training = {p.name for p in cache.iterdir() if not p.name.startswith(".")}
     common = ["--model", str(run), "--embedding-cache", str(cache)]
@@ -137,31 +155,26 @@ def test_eval_reuses_the_runs_cache_encodes_new_prompts_once_and_matches_live_pr
     assert "prompt embeddings: reused the cache of 2 prompts" in own.stdout, own.stdout
     assert {p.name for p in cache.iterdir() if not p.name.startswith(".")} == built_by_training  # training's cache
 
-    prompts = tmp_path / "eval.txt"
-    prompts.write_text("a red cube\na blue ball\na green tree\n")
+    prompts, live = live_images
     first = cdmctl_eval(*common, "--prompts", str(prompts), "--out", str(tmp_path / "first"))
     assert "prompt embeddings: encoded 3 prompts" in first.stdout, first.stdout
     second = cdmctl_eval(*common, "--prompts", str(prompts), "--out", str(tmp_path / "second"))
     assert "prompt embeddings: reused the cache of 3 prompts" in second.stdout, second.stdout
-    live = cdmctl_eval(*common, "--prompts", str(prompts), "--out", str(tmp_path / "live"), "--no-cache-embeddings")
-    assert "prompt embeddings" not in live.stdout
     assert len(images(tmp_path / "first")) == 3
-    assert_same_pixels(images(tmp_path / "first"), images(tmp_path / "live"), TOLERANCE)
+    assert_same_pixels(images(tmp_path / "first"), images(live), TOLERANCE)
     assert_same_pixels(images(tmp_path / "second"), images(tmp_path / "first"), 0)  # the same cache
 
 
-def test_two_processes_build_the_cache_together_and_make_the_same_images(run_with_cache, tmp_path):
+def test_two_processes_build_the_cache_together_and_make_the_same_images(run_with_cache, live_images, tmp_path):
     run, _, _ = run_with_cache
-    prompts = tmp_path / "eval.txt"
-    prompts.write_text("a pink cube\na grey ball\na brown tree\n")
-    cache = tmp_path / "embeddings"
+    prompts, live = live_images
+    cache = tmp_path / "embeddings"  # a cache of its own: the two processes encode the prompts
     common = ["--model", str(run), "--prompts", str(prompts), "--embedding-cache", str(cache)]
     both = cdmctl_eval(*common, "--out", str(tmp_path / "two"), processes=2)
     assert len(re.findall(r"prompt embeddings: encoded 3 prompts", both.stdout)) == 1  # printed by rank 0 only
-    one = cdmctl_eval(*common, "--out", str(tmp_path / "one"), "--no-cache-embeddings")
     assert len(images(tmp_path / "two")) == 3
-    assert_same_pixels(images(tmp_path / "two"), images(tmp_path / "one"), TOLERANCE)
+    assert_same_pixels(images(tmp_path / "two"), images(live), TOLERANCE)
     # one prompt on two processes: rank 1 draws nothing, yet takes part in building (and verifying) the cache
     cdmctl_eval(*common, "--limit", "1", "--out", str(tmp_path / "limit"), processes=2)
     assert len(images(tmp_path / "limit")) == 1
-    assert_same_pixels(images(tmp_path / "limit"), images(tmp_path / "one")[:1], TOLERANCE)
+    assert_same_pixels(images(tmp_path / "limit"), images(live)[:1], TOLERANCE)

@@ -122,15 +122,39 @@ def model(tiny_sd3_dir) -> Path:
     return tiny_sd3_dir
 
 
+@pytest.fixture(scope="module")
+def one_process(model, tmp_path_factory):
+    """The one-process run for a mode's overrides, made once per module: DDP and FSDP2 compare with the same one
+    (gradient checkpointing recomputes the same values; the parallel.* settings mean nothing on one process)."""
+    made: dict[tuple[str, ...], Path] = {}
+
+    def get(extra: list[str]) -> Path:
+        key = tuple(e for e in extra if not e.startswith(("parallel.", "model.gradient_checkpointing")))
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp("one") / "run"
+            ok(run(made[key], list(key), model=model))
+        return made[key]
+
+    return get
+
+
+def interrupted_copy(run_folder: Path, to: Path) -> Path:
+    """A copy of a finished run as a run stopped after its checkpoint 2 leaves it: the final checkpoint gone (its
+    metrics lines stay, for the resume to trim), so that a resume must train iterations 3 and 4 again."""
+    shutil.copytree(run_folder, to)
+    shutil.rmtree(final(to))
+    assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(to)] == [2]
+    return to
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_two_processes_complete_resume_exactly_and_match_one_process(mode, model, tmp_path):
+def test_two_processes_complete_resume_exactly_and_match_one_process(mode, model, one_process, tmp_path):
     launcher, extra = MODES[mode]
-    one = tmp_path / "one"
-    ok(run(one, [e for e in extra if not e.startswith("parallel.")], model=model))
-    whole, split = tmp_path / "whole", tmp_path / "split"
+    one = one_process(extra)
+    whole = tmp_path / "whole"
     done = ok(run(whole, extra, processes=2, model=model, launcher=launcher))
     assert done.stdout.count(f"done {ITERATIONS} iterations") == 1  # only the main process reports
-    ok(run(split, extra, processes=2, iterations=2, model=model, launcher=launcher))
+    split = interrupted_copy(whole, tmp_path / "split")
     if mode == "fsdp2":
         shutil.copytree(split, tmp_path / "reshard")  # resumed on 3 processes below
     ok(run(split, extra, processes=2, resume=True, model=model, launcher=launcher))

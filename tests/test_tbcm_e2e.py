@@ -216,7 +216,7 @@ def test_fsdp2_tbcm_shards_the_head_resumes_exactly_and_matches_one_process(tbcm
     """torchrun, 2 CPU processes, parallel.strategy fsdp2: the student and the log-variance head are sharded (each
     with its own optimizer), saved as torch distributed checkpoints and resumed to every tensor; torch.func.jvp
     works through FSDP2's hooks (torch 2.13) and matches the one-process run; the prompt cache is shared."""
-    from tests.test_scale import RTOL, assert_identical, max_difference, moved
+    from tests.test_scale import RTOL, assert_identical, interrupted_copy, max_difference, moved
 
     fsdp = ["--set", "parallel.strategy=fsdp2", "--set", f"data.embedding_cache={tmp_path / 'cache'}"]
     fd = ["--set", "method.tbcm.jvp=finite-difference"]
@@ -240,8 +240,8 @@ def test_fsdp2_tbcm_shards_the_head_resumes_exactly_and_matches_one_process(tbcm
     # the finite-difference JVP, interrupted and resumed: every tensor (student, head, both optimizers) as uninterrupted
     whole = torchrun(tmp_path / "whole", [*tiny_tbcm(tiny_sd3_dir, prompts, 4), *fsdp, *fd])
     assert "reused the cache of 3 prompts" in whole.stdout + whole.stderr
-    torchrun(tmp_path / "split", [*tiny_tbcm(tiny_sd3_dir, prompts, 2), *fsdp, *fd])
-    torchrun(tmp_path / "split", [*tiny_tbcm(tiny_sd3_dir, prompts, 4), *fsdp, *fd, "--resume"])
+    split = interrupted_copy(tmp_path / "whole", tmp_path / "split")  # as a run stopped after checkpoint 2 leaves it
+    torchrun(split, [*tiny_tbcm(tiny_sd3_dir, prompts, 4), *fsdp, *fd, "--resume"])
     b, c = list_checkpoints(tmp_path / "whole")[-1], list_checkpoints(tmp_path / "split")[-1]
     assert_identical(b, c, tmp_path)
     assert read_manifest(b)["cost_totals"] == read_manifest(c)["cost_totals"]
