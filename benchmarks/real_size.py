@@ -73,24 +73,54 @@ class _Crossing(torch.autograd.Function):
         return (None, None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
+def signature(tree: Any) -> tuple:
+    """What a meta network's outputs can depend on: every tensor's shape and dtype, every other value itself."""
+    leaves, spec = tree_flatten(tree)
+    return (str(spec), *((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t) for t in leaves))
+
+
 class MetaBoundary(nn.Module):
-    """`inner` (a network on meta) as a module that takes and returns CPU tensors: zeros of the real shapes."""
+    """`inner` (a network on meta) as a module that takes and returns CPU tensors: zeros of the real shapes.
+
+    A call without gradient whose inputs have the shapes, dtypes and other arguments of an earlier one (a
+    simulation's steps, the teacher on every iteration) is not run again: a meta network has no values, so its
+    outputs' shapes follow from those alone, and the FLOPs the first call added to `counter` are added again.
+    Each meta operation costs milliseconds of Python (torch registers its Python reference implementations as the
+    meta kernels), so this is most of a cycle's time; calls with gradient always run (backward needs their graph).
+    """
 
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
         self.out_spec = None
+        self.counter = None  # the FlopCounterMode of the cycle, for replayed calls
+        self.replay: dict[tuple, tuple[list, Any, dict]] = {}  # signature -> meta outputs, spec, FLOPs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = tree_flatten((args, kwargs))
         if not torch.is_grad_enabled():
-            with torch.no_grad():
-                out = self.inner(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
-            return tree_map(lambda t: torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t, out)
+            return self.without_grad(args, kwargs)
         trains = any(p.requires_grad for p in self.inner.parameters())
         anchor = torch.zeros((), requires_grad=trains)  # the outputs need a gradient when the network trains
         leaves = _Crossing.apply(self, spec, anchor, *flat)
         return tree_unflatten(list(leaves), self.out_spec)
+
+    def without_grad(self, args: tuple, kwargs: dict) -> Any:
+        key = (self.inner.training, signature((args, kwargs)))
+        if key not in self.replay:
+            counts = self.counter.flop_counts["Global"] if self.counter is not None else {}
+            before = dict(counts)
+            with torch.no_grad():
+                out = self.inner(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
+            leaves, out_spec = tree_flatten(out)
+            added = {op: n - before.get(op, 0) for op, n in counts.items() if n != before.get(op, 0)}
+            self.replay[key] = ([t.detach() if isinstance(t, torch.Tensor) else t for t in leaves], out_spec, added)
+        elif self.counter is not None:
+            for op, n in self.replay[key][2].items():
+                self.counter.flop_counts["Global"][op] += n
+        leaves, out_spec, _ = self.replay[key]
+        zeros = [torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t for t in leaves]
+        return tree_unflatten(zeros, out_spec)
 
 
 def efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -265,7 +295,10 @@ def run_cycle(preset_name: str, batch: int = 2, overrides: tuple[str, ...] = ())
     start = time.perf_counter()
     preset, arch, backbone, latent, distiller = build_cycle(preset_name, batch, overrides)
     iterations, cost, lengths = preset.method.ttur_ratio, {}, []
+    roles = distiller.roles
     with FlopCounterMode(display=False) as counter, gpu_attention():
+        for boundary in (roles.student_module, roles.teacher_module, roles.fake_module):
+            boundary.counter = counter
         for _ in range(iterations):
             stats = distiller.iteration()
             lengths.append(int(stats["level/n"]))
