@@ -303,7 +303,7 @@ def markdown(data: dict[str, Any]) -> str:
         tflop = r["flops_per_update"] / 1e12 if r.get("flops_per_update") else None
         lines.append(f"| {r['item']} | {cell(r.get('config'))} | {cell(r.get('batch'))} | "
                      f"{cell(r.get('seconds_per_update'), '{:.3f}')} | {cell(r.get('samples_per_s'))} | "
-                     f"{cell(r.get('peak_gib'))} | {cell(tflop, '{:.1f}')} | {cell(r.get('mfu'), '{:.1%}')} | "
+                     f"{cell(r.get('peak_gib'))} | {cell(tflop, '{:.4g}')} | {cell(r.get('mfu'), '{:.1%}')} | "
                      f"{cell(r.get('schedule_lengths'))} | {cell(r.get('sampling_ms_per_image'))} | {status} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 

@@ -329,7 +329,7 @@ def real_presets() -> list[str]:
 
 
 def report(rows: list[dict[str, Any]], skipped: dict[str, str], command: str) -> str:
-    lines = ["# Real size: one TTUR cycle per shipped preset on the meta device", "", f"Command: `{command}`", "",
+    lines = ["# Real size: one TTUR cycle per shipped preset on the meta device", "", f"Commands: `{command}`", "",
              "Each row: the preset's real transformer at its resolution, one cycle of `Distiller.iteration()` (its "
              "`ttur_ratio` iterations: one student update, its fake-teacher updates and simulations) at the batch per "
              "process shown. FLOPs are FlopCounterMode's (matmul, attention, convolution; backward and gradient "
@@ -357,21 +357,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("presets", nargs="*", help="preset names (default: every shipped preset of a real model)")
     p.add_argument("--batch", type=int, default=2, help="batch per process")
     p.add_argument("--out", type=Path, default=RESULTS / "real_size")
+    p.add_argument("--append", action="store_true",
+                   help="keep OUT.json's rows of other presets (one preset per process, results as they land)")
     args = p.parse_args(argv)
-    rows, skipped = [], {}
     command = "python benchmarks/real_size.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    path = args.out.with_suffix(".json")
+    kept = json.loads(path.read_text()) if args.append and path.is_file() else {}
+    commands = [*kept.get("commands", [kept["command"]] if "command" in kept else []), command.strip()]
+    rows, skipped = kept.get("rows", []), kept.get("skipped", {})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.presets or real_presets():
+        rows = [r for r in rows if r["preset"] != name]
         try:
             rows.append(run_cycle(name, args.batch))
             print(json.dumps(rows[-1]), flush=True)
         except ValueError as e:  # a method this harness cannot run (TBCM), said in the table
             skipped[name] = str(e)
         # written after every preset: a long run keeps what it has measured
-        args.out.with_suffix(".json").write_text(json.dumps({"command": command.strip(), "rows": rows,
-                                                             "skipped": skipped}, indent=1))  # fmt: skip
-        args.out.with_suffix(".md").write_text(report(rows, skipped, command.strip()))
-    print(report(rows, skipped, command.strip()))
+        path.write_text(json.dumps({"commands": commands, "rows": rows, "skipped": skipped}, indent=1))
+        args.out.with_suffix(".md").write_text(report(rows, skipped, "`, `".join(commands)))
+    print(report(rows, skipped, "`, `".join(commands)))
+
 
 if __name__ == "__main__":
     main()
