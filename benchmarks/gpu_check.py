@@ -240,10 +240,11 @@ def run_item(item: Item, args: argparse.Namespace, budget: Budget, flops_of: dic
             torch.cuda.set_per_process_memory_fraction(min(1.0, item.cap_bytes / torch.cuda.get_device_properties(0).total_memory))
         try:
             measured = measure(item, overrides, batch, args, budget)
-        except torch.OutOfMemoryError as e:
-            row["attempts"].append(f"{label}, batch {batch}: out of memory ({str(e).splitlines()[0][:160]})")
-            continue
-        except Exception as e:  # one broken item must not cost the others their turn on the GPU
+        except Exception as e:
+            if out_of_memory(e):
+                row["attempts"].append(f"{label}, batch {batch}: out of memory ({str(e).splitlines()[0][:160]})")
+                continue
+            # one broken item must not cost the others their turn on the GPU
             return {**row, "status": "error", "config": label, "batch": batch, "reason": f"{type(e).__name__}: {e}"[:400]}
         finally:
             if cuda and item.cap_bytes:
@@ -252,9 +253,15 @@ def run_item(item: Item, args: argparse.Namespace, budget: Budget, flops_of: dic
     return {**row, "status": "does not fit", "fits": False, "reason": "; ".join(row["attempts"])}
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError, or a CUDA library's allocation failure (cuBLAS, cuDNN) said in a RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
 def finished(row: dict[str, Any], item: Item, flops_of: dict[tuple, int]) -> dict[str, Any]:
     """Samples/s and MFU from the timing; a compiled run takes its FLOPs from the uncompiled one of its setup."""
-    key = (item.preset, row["config"], row["batch"])
+    method = tuple(o for o in item.overrides if not o.startswith("model.compile"))
+    key = (item.preset, method, row["config"], row["batch"])
     if row["flops_per_update"] is not None:
         flops_of[key] = row["flops_per_update"]
     row["flops_per_update"] = flops_of.get(key)
@@ -320,8 +327,8 @@ def watchdog(results: Results, plan: list[Item], budget: Budget) -> threading.Ti
                     results.rows.append({"item": item.name, "family": item.family, "preset": item.preset,
                                          "status": "skipped: budget", "reason": why})  # fmt: skip
             write(results.args, results.rows)
-        print(f"budget of {budget.seconds:g} s spent: wrote {results.args.out}.md/.json", flush=True)
-        os._exit(0)
+            print(f"budget of {budget.seconds:g} s spent: wrote {results.args.out}.md/.json", flush=True)
+            os._exit(0)  # holding the lock: the main thread writes nothing after this
 
     timer = threading.Timer(max(budget.left(), 0.0), expire)
     timer.daemon = True
@@ -345,6 +352,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device here (the real sizes need one); --tiny checks the script on the CPU")
     from cdmctl.quiet import quiet_libraries
 
     quiet_libraries()
@@ -361,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
             results.current = item.name
             row = run_item(item, args, budget, flops_of)
             if item.compile:
+                import torch._dynamo
+
                 torch._dynamo.reset()  # the compiled blocks' code and their memory
             print(json.dumps(row, default=str), flush=True)
             results.add(row)

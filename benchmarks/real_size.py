@@ -17,9 +17,20 @@ matmuls, attention and convolutions, backward included) and hands back zeros of 
 it passes back to the meta graph. Everything a family does with values before its transformer runs (Qwen-Image
 cutting the text to the longest prompt, Z-Image splitting captions by length) therefore runs as in training.
 
+Time: meta tensors carry no data, but torch registers its Python reference implementations (torch._refs,
+torch._decomp) as the meta kernels of most operations, so each operation costs about a millisecond of Python on an
+idle core (cProfile: _prims_common / _refs / decompositions' addmm dominate; FakeTensorMode is no faster, its
+operation cache hits but the Python dispatch remains). One SD3-Medium forward at 1024 px is about 2,100 operations.
+A cycle therefore runs a network call without gradient once per distinct input shape (MetaBoundary replays the
+rest with their FLOPs); calls with gradient, their backward and checkpointing's recompute all run.
+
 Not covered: numbers (the networks compute nothing), the gradient norm (a clip on meta gradients has no value; the
-clip reports 0), and TBCM (`sd3-tbcm`): its JVP is forward-mode autodiff, which a meta network behind an
-autograd.Function boundary cannot give (torch.func.jvp needs a forward-mode rule for the boundary).
+clip reports 0), and TBCM (`sd3-tbcm`, refused by `build_cycle`). Its JVP (`jvp: autograd`) is
+torch.func.jvp over the student unwrapped: here that is the meta network itself, fed CPU dual tensors, and through
+MetaBoundary it is refused ("In order to use an autograd.Function with functorch transforms ... it must override
+the setup_context staticmethod": `_Crossing` has no forward-mode rule). Forward-mode AD itself works on meta and
+under FakeTensorMode (torch.func.jvp through a small SD3 transformer gives the tangent's shape on both), so a
+boundary with a `jvp` rule that runs torch.func.jvp on meta would let TBCM through; that boundary is not written.
 
 Writes benchmarks/results/real_size.md and .json with the command.
 """
