@@ -65,9 +65,9 @@ FAMILIES: dict[str, tuple[str, str | None]] = {
     "flux2-klein": ("flux2-klein-4nfe", None),
     "zimage": ("zimage-4nfe", "zimage-ddmd"),
     "longcat": ("longcat-4nfe", "longcat-ddmd"),
-    "sd35m": ("sd35m-4nfe", None),
-    "sd35l": ("sd35l-4nfe", None),
     "qwenimage": ("qwenimage-4nfe", None),
+    "sd35m": ("sd35m-4nfe", None),  # SD3.5 last: the sd3 adapter, already checked on SD3-Medium
+    "sd35l": ("sd35l-4nfe", None),
 }
 # what replaces the preset's setup when it does not fit, in order (label, overrides)
 FULL_FALLBACKS = (("fake-teacher LoRA, EMA on the CPU", ("model.fake_teacher=lora", "optim.ema_device=cpu")),
