@@ -259,8 +259,9 @@ def meta_backbone(arch: Architecture, device: str | torch.device = "meta", dtype
 
     from cdmctl.backbones import adapter_class
 
+    made_in = None if str(device) == "meta" else dtype  # meta: as before (the adapter casts), no values either way
     parts: dict[str, Any] = defaultdict(lambda: None)  # every text part the adapter asks for: absent
-    parts.update(transformer=build(arch.transformer, device, dtype), vae=build(arch.vae, device, dtype),
+    parts.update(transformer=build(arch.transformer, device, made_in), vae=build(arch.vae, device, made_in),
                  scheduler=FlowMatchEulerDiscreteScheduler(**arch.scheduler))
     return adapter_class(arch.family)(parts, source=arch.hub_id, dtype=dtype, device=device,
                                       **arch.adapter_kwargs)  # fmt: skip
