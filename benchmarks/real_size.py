@@ -17,9 +17,20 @@ matmuls, attention and convolutions, backward included) and hands back zeros of 
 it passes back to the meta graph. Everything a family does with values before its transformer runs (Qwen-Image
 cutting the text to the longest prompt, Z-Image splitting captions by length) therefore runs as in training.
 
+Time: meta tensors carry no data, but torch registers its Python reference implementations (torch._refs,
+torch._decomp) as the meta kernels of most operations, so each operation costs about a millisecond of Python on an
+idle core (cProfile: _prims_common / _refs / decompositions' addmm dominate; FakeTensorMode is no faster, its
+operation cache hits but the Python dispatch remains). One SD3-Medium forward at 1024 px is about 2,100 operations.
+A cycle therefore runs a network call without gradient once per distinct input shape (MetaBoundary replays the
+rest with their FLOPs); calls with gradient, their backward and checkpointing's recompute all run.
+
 Not covered: numbers (the networks compute nothing), the gradient norm (a clip on meta gradients has no value; the
-clip reports 0), and TBCM (`sd3-tbcm`): its JVP is forward-mode autodiff, which a meta network behind an
-autograd.Function boundary cannot give (torch.func.jvp needs a forward-mode rule for the boundary).
+clip reports 0), and TBCM (`sd3-tbcm`, refused by `build_cycle`). Its JVP (`jvp: autograd`) is
+torch.func.jvp over the student unwrapped: here that is the meta network itself, fed CPU dual tensors, and through
+MetaBoundary it is refused ("In order to use an autograd.Function with functorch transforms ... it must override
+the setup_context staticmethod": `_Crossing` has no forward-mode rule). Forward-mode AD itself works on meta and
+under FakeTensorMode (torch.func.jvp through a small SD3 transformer gives the tangent's shape on both), so a
+boundary with a `jvp` rule that runs torch.func.jvp on meta would let TBCM through; that boundary is not written.
 
 Writes benchmarks/results/real_size.md and .json with the command.
 """
@@ -73,24 +84,54 @@ class _Crossing(torch.autograd.Function):
         return (None, None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
+def signature(tree: Any) -> tuple:
+    """What a meta network's outputs can depend on: every tensor's shape and dtype, every other value itself."""
+    leaves, spec = tree_flatten(tree)
+    return (str(spec), *((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t) for t in leaves))
+
+
 class MetaBoundary(nn.Module):
-    """`inner` (a network on meta) as a module that takes and returns CPU tensors: zeros of the real shapes."""
+    """`inner` (a network on meta) as a module that takes and returns CPU tensors: zeros of the real shapes.
+
+    A call without gradient whose inputs have the shapes, dtypes and other arguments of an earlier one (a
+    simulation's steps, the teacher on every iteration) is not run again: a meta network has no values, so its
+    outputs' shapes follow from those alone, and the FLOPs the first call added to `counter` are added again.
+    Each meta operation costs milliseconds of Python (torch registers its Python reference implementations as the
+    meta kernels), so this is most of a cycle's time; calls with gradient always run (backward needs their graph).
+    """
 
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
         self.out_spec = None
+        self.counter = None  # the FlopCounterMode of the cycle, for replayed calls
+        self.replay: dict[tuple, tuple[list, Any, dict]] = {}  # signature -> meta outputs, spec, FLOPs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = tree_flatten((args, kwargs))
         if not torch.is_grad_enabled():
-            with torch.no_grad():
-                out = self.inner(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
-            return tree_map(lambda t: torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t, out)
+            return self.without_grad(args, kwargs)
         trains = any(p.requires_grad for p in self.inner.parameters())
         anchor = torch.zeros((), requires_grad=trains)  # the outputs need a gradient when the network trains
         leaves = _Crossing.apply(self, spec, anchor, *flat)
         return tree_unflatten(list(leaves), self.out_spec)
+
+    def without_grad(self, args: tuple, kwargs: dict) -> Any:
+        key = (self.inner.training, signature((args, kwargs)))
+        if key not in self.replay:
+            counts = self.counter.flop_counts["Global"] if self.counter is not None else {}
+            before = dict(counts)
+            with torch.no_grad():
+                out = self.inner(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
+            leaves, out_spec = tree_flatten(out)
+            added = {op: n - before.get(op, 0) for op, n in counts.items() if n != before.get(op, 0)}
+            self.replay[key] = ([t.detach() if isinstance(t, torch.Tensor) else t for t in leaves], out_spec, added)
+        elif self.counter is not None:
+            for op, n in self.replay[key][2].items():
+                self.counter.flop_counts["Global"][op] += n
+        leaves, out_spec, _ = self.replay[key]
+        zeros = [torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t for t in leaves]
+        return tree_unflatten(zeros, out_spec)
 
 
 def efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -265,7 +306,10 @@ def run_cycle(preset_name: str, batch: int = 2, overrides: tuple[str, ...] = ())
     start = time.perf_counter()
     preset, arch, backbone, latent, distiller = build_cycle(preset_name, batch, overrides)
     iterations, cost, lengths = preset.method.ttur_ratio, {}, []
+    roles = distiller.roles
     with FlopCounterMode(display=False) as counter, gpu_attention():
+        for boundary in (roles.student_module, roles.teacher_module, roles.fake_module):
+            boundary.counter = counter
         for _ in range(iterations):
             stats = distiller.iteration()
             lengths.append(int(stats["level/n"]))
@@ -296,7 +340,7 @@ def real_presets() -> list[str]:
 
 
 def report(rows: list[dict[str, Any]], skipped: dict[str, str], command: str) -> str:
-    lines = ["# Real size: one TTUR cycle per shipped preset on the meta device", "", f"Command: `{command}`", "",
+    lines = ["# Real size: one TTUR cycle per shipped preset on the meta device", "", f"Commands: `{command}`", "",
              "Each row: the preset's real transformer at its resolution, one cycle of `Distiller.iteration()` (its "
              "`ttur_ratio` iterations: one student update, its fake-teacher updates and simulations) at the batch per "
              "process shown. FLOPs are FlopCounterMode's (matmul, attention, convolution; backward and gradient "
@@ -324,21 +368,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("presets", nargs="*", help="preset names (default: every shipped preset of a real model)")
     p.add_argument("--batch", type=int, default=2, help="batch per process")
     p.add_argument("--out", type=Path, default=RESULTS / "real_size")
+    p.add_argument("--append", action="store_true",
+                   help="keep OUT.json's rows of other presets (one preset per process, results as they land)")
     args = p.parse_args(argv)
-    rows, skipped = [], {}
     command = "python benchmarks/real_size.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    path = args.out.with_suffix(".json")
+    kept = json.loads(path.read_text()) if args.append and path.is_file() else {}
+    commands = [*kept.get("commands", [kept["command"]] if "command" in kept else []), command.strip()]
+    rows, skipped = kept.get("rows", []), kept.get("skipped", {})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.presets or real_presets():
+        rows = [r for r in rows if r["preset"] != name]
         try:
             rows.append(run_cycle(name, args.batch))
             print(json.dumps(rows[-1]), flush=True)
         except ValueError as e:  # a method this harness cannot run (TBCM), said in the table
             skipped[name] = str(e)
         # written after every preset: a long run keeps what it has measured
-        args.out.with_suffix(".json").write_text(json.dumps({"command": command.strip(), "rows": rows,
-                                                             "skipped": skipped}, indent=1))  # fmt: skip
-        args.out.with_suffix(".md").write_text(report(rows, skipped, command.strip()))
-    print(report(rows, skipped, command.strip()))
+        path.write_text(json.dumps({"commands": commands, "rows": rows, "skipped": skipped}, indent=1))
+        args.out.with_suffix(".md").write_text(report(rows, skipped, "`, `".join(commands)))
+    print(report(rows, skipped, "`, `".join(commands)))
+
 
 if __name__ == "__main__":
     main()

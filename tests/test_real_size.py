@@ -49,3 +49,22 @@ def test_one_cycle_runs_at_real_size_and_counts_its_flops(name, batch, overrides
 def test_tbcm_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="tbcm"):
         real_size.build_cycle("sd3-tbcm", 2)
+
+
+def test_a_repeated_call_without_gradient_is_replayed_with_its_flops():
+    import torch
+    from torch import nn
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = nn.Linear(8, 4)
+    runs = []
+    net.register_forward_hook(lambda *_: runs.append(1))
+    boundary = real_size.MetaBoundary(net)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        boundary.counter = counter
+        out = boundary(torch.zeros(3, 8))
+        boundary(torch.ones(3, 8))  # the same shapes: replayed, not run
+        boundary(torch.zeros(5, 8))  # another shape: run
+    assert len(runs) == 2 and out.shape == (3, 4) and out.device.type == "cpu"
+    assert counter.get_total_flops() == 2 * (2 * 3 * 8 * 4) + 2 * 5 * 8 * 4  # 2 FLOPs per multiply-add

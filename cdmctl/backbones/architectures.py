@@ -4,7 +4,8 @@ Each `Architecture` holds the configuration of the real networks behind one hub 
 from, so that the memory plan, the FLOP count and the GPU check all meet the real sizes without downloading a byte.
 `build(part)` makes a part on the `meta` device (the real diffusers / transformers class, no storage);
 `meta_backbone(arch)` makes the family's adapter around a meta transformer and VAE, with the real scheduler and no
-text encoders (its conditioning shapes are `conditioning_shapes`).
+text encoders (its conditioning shapes are `conditioning`); `meta_backbone(arch, "cuda")` makes the same with random
+weights on a GPU (benchmarks/gpu_check.py).
 
 Sources. The hub repositories' own config.json files could not be read from the machine this was written on; every
 value below was taken from public copies of those files (quoted verbatim, with the hub repo and file named, in
@@ -15,7 +16,9 @@ repository holds: parameters plus persistent buffers (SD3's fixed position table
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,10 +222,22 @@ def part_class(part: Part) -> type:
     return getattr(importlib.import_module(library), name)
 
 
-def build(part: Part, device: str | torch.device = "meta") -> nn.Module:
-    """The network of `part` with no weights (meta: shapes only, no storage; any other device: uninitialised)."""
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """torch's default float dtype for the block (None: unchanged)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build(part: Part, device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> nn.Module:
+    """The network of `part`: on `meta` shapes only, no storage; on any other device its classes' own random
+    initialisation, made there in `dtype` (bf16: a 20B transformer is never held in float32 on the way)."""
     cls = part_class(part)
-    with torch.device(device):
+    with torch.device(device), default_dtype(dtype):
         if part.cls.startswith("transformers:"):
             return cls(cls.config_class(**part.config))
         return cls(**part.config)
@@ -234,17 +249,19 @@ def weight_count(module: nn.Module) -> int:
     return sum(t.numel() for t in tensors.values())
 
 
-def meta_backbone(arch: Architecture) -> Any:
-    """The family's adapter over a meta transformer and VAE, the published scheduler and no text encoders or
-    tokenizers (encode_prompts is unavailable: feed it conditioning of `arch.conditioning`'s shapes)."""
+def meta_backbone(arch: Architecture, device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16) -> Any:
+    """The family's adapter over the transformer and VAE (on `meta` by default; on another device with random
+    weights, see `build`), the published scheduler and no text encoders or tokenizers (encode_prompts is
+    unavailable: feed it conditioning of `arch.conditioning`'s shapes)."""
     from collections import defaultdict
 
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from cdmctl.backbones import adapter_class
 
+    made_in = None if str(device) == "meta" else dtype  # meta: as before (the adapter casts), no values either way
     parts: dict[str, Any] = defaultdict(lambda: None)  # every text part the adapter asks for: absent
-    parts.update(transformer=build(arch.transformer), vae=build(arch.vae),
+    parts.update(transformer=build(arch.transformer, device, made_in), vae=build(arch.vae, device, made_in),
                  scheduler=FlowMatchEulerDiscreteScheduler(**arch.scheduler))
-    return adapter_class(arch.family)(parts, source=arch.hub_id, dtype=torch.bfloat16, device="meta",
+    return adapter_class(arch.family)(parts, source=arch.hub_id, dtype=dtype, device=device,
                                       **arch.adapter_kwargs)  # fmt: skip
