@@ -176,7 +176,8 @@ def qwenimage_shift(resolution: int):
 
 # the time shift each shipped preset's teacher samples with at its resolution (SD3-Medium's and SD3.5's scheduler:
 # 3; the proving ground's toy: 6; LongCat-Image: the dynamic shift at 1024 px, mu = 1.15)
-PRESET_SHIFT = {"demo": lambda: static_shift(6.0), "sd3-4nfe": lambda: static_shift(3.0),
+# the time shift each preset trains and samples through (demo: none, its schedule and sampling are unshifted)
+PRESET_SHIFT = {"demo": lambda: static_shift(1.0), "sd3-4nfe": lambda: static_shift(3.0),
                 "sd35m-4nfe": lambda: static_shift(3.0), "sd35l-4nfe": lambda: static_shift(3.0),
                 "longcat-4nfe": lambda: longcat_shift(1024), "flux2-klein-4nfe": lambda: flux2_klein_shift(1024),
                 "zimage-4nfe": lambda: static_shift(3.0), "qwenimage-4nfe": lambda: qwenimage_shift(1024)}  # fmt: skip
@@ -219,15 +220,18 @@ def test_zimage_recipe():
 
 @pytest.mark.parametrize("name", sorted(PRESET_SHIFT))
 def test_dynamic_presets_train_at_the_levels_1_to_8_step_inference_visits(name):
-    """Every level that 1-8 step inference visits (after the shift) has training levels near it, the lowest too."""
+    """Every level that 1-8 step inference visits (after the shift, where the preset samples through it) has
+    training levels near it, the lowest too."""
     import torch
 
+    from cdmctl.config.schema import sampling_of
     from cdmctl.engine.rng import generator
     from cdmctl.engine.schedules import sample_dynamic_schedule
 
     preset = load_preset(name)
     sched, shift = preset.method.schedule, PRESET_SHIFT[name]()
-    assert sched.kind == "dynamic" and sched.time_shift
+    # schedule and sampling agree on the shift (demo: both without it, the toy's shift of 6 unused)
+    assert sched.kind == "dynamic" and sched.time_shift == (name != "demo") == sampling_of(preset.model_dump())[2]
     if name == "longcat-4nfe":
         assert preset.model.resolution == 1024
         assert float(shift(torch.tensor(0.5))) == pytest.approx(3.1582 / 4.1582, abs=1e-4)  # about shift e^1.15

@@ -147,9 +147,12 @@ def test_students_levels_follow_their_method_and_inference_time_shift(toy):
     from cdmctl.proving import evaluate, teacher
 
     backbone = toy[0]
-    assert sampling_of(load_preset("demo").model_dump(mode="json")) == ("euler", "uniform", True)
+    # demo trains on an unshifted schedule and samples that way; a shifted schedule samples shifted unless told
+    assert sampling_of(load_preset("demo").model_dump(mode="json")) == ("euler", "uniform", False)
+    shifted = ["method.schedule.time_shift=true"]
+    assert sampling_of(load_preset("demo", shifted).model_dump(mode="json")) == ("euler", "uniform", True)
     assert sampling_of(load_preset("demo-tbcm").model_dump(mode="json")) == ("consistency", "trigflow", False)
-    assert sampling_of(load_preset("demo", ["inference.time_shift=false"]).model_dump(mode="json"))[2] is False
+    assert sampling_of(load_preset("demo", [*shifted, "inference.time_shift=false"]).model_dump(mode="json"))[2] is False
     tbcm = evaluate.inference_levels(backbone, 2, teacher.RESOLUTION, time_shift=False, rule="trigflow")
     assert tbcm.tolist() == pytest.approx([1.0, 0.608979], abs=1e-6)
     cdm = evaluate.inference_levels(backbone, 2, teacher.RESOLUTION)
