@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cdmctl.config.schema import sampler_of, sampling_of
+from cdmctl.config.schema import sampling_of
 from cdmctl.engine.checkpoint import find_checkpoint, load_weights, verify_checkpoint
 from cdmctl.errors import UserError
 from cdmctl.outputs import check_not_file, reporting_disk_full
