@@ -26,12 +26,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proving_ground import FREE, free_name, mean_std, quiet_process  # noqa: E402
+from proving_ground import DEMO_0_2, FREE, free_name, mean_std, quiet_process  # noqa: E402
 
 STEPS = [1, 2, 4, 8]
 # Every variant's overrides on top of today's `demo` (schedule without the time shift, no CA, cosine learning rates)
-# reproduce exactly what its results were measured with; DEMO_0_2 is the demo recipe of release 0.2.0.
-DEMO_0_2 = ["method.schedule.time_shift=true", "method.losses.ca=1", "optim.lr_schedule=constant"]
+# reproduce exactly what its results were measured with; DEMO_0_2 (proving_ground.py) is release 0.2.0's demo recipe.
 FIXED_DDMD = ["method.name=ddmd", "method.schedule.kind=fixed", "method.losses.cdm=0"]
 # name -> (label, base preset, overrides on top of it)
 VARIANTS: dict[str, tuple[str, str, list[str]]] = {

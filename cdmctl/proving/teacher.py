@@ -195,7 +195,8 @@ def build(out: Path, cfg: TrainConfig, ground: Ground = GROUNDS["toy-sd3"],
         folder = write_untrained(Path(tmp) / "pipe", seed=cfg.seed, shift=ground.shift)
         backbone = load(folder)
         if cfg.init:  # continue a teacher: a longer schedule without paying for its first part again
-            backbone.transformer.load_state_dict(load(Path(cfg.init)).transformer.state_dict())
+            trained = type(backbone.transformer).from_pretrained(Path(cfg.init) / "transformer")  # not the encoders
+            backbone.transformer.load_state_dict(trained.state_dict())
         teacher = train(backbone, gt, cfg, log)
         seconds = time.perf_counter() - start
         staging = Path(tmp) / "out"
