@@ -48,6 +48,12 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
                    [*FIXED_DDMD, "method.schedule.levels=[1.0]", "inference.steps=1"]),
     "tbcm-guided": ("TBCM, rollouts at guidance 1.5", "demo-tbcm", ["method.tbcm.guidance=[1.5]"]),
     "tbcm-lr1e-5": ("TBCM at the authors' learning rate 1e-5", "demo-tbcm", ["optim.student_lr=1e-5"]),
+    # one lever at a time from today's demo, aimed at the 4-step MMD^2 gap (error inside the modes)
+    "cdm-no-merge": ("demo without merging the student into the fake teacher", "demo", ["method.merge_decay=1"]),
+    "cdm-batch32": ("demo at batch 32", "demo", ["train.batch_size=32"]),
+    "cdm-ttur4": ("demo, 4 fake-teacher updates per student update", "demo", ["method.ttur_ratio=4"]),
+    "cdm-lr-floor0": ("demo, cosine decay to 0", "demo", ["optim.lr_floor=0"]),
+    "cdm-fake-lr1e-4": ("demo, fake-teacher lr 1e-4", "demo", ["optim.fake_lr=1e-4"]),
 }  # fmt: skip
 
 

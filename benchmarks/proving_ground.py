@@ -2,6 +2,7 @@
 
     python benchmarks/proving_ground.py --jobs 2                      # full: every variant x 3 seeds (~1.5 h on 2 cores)
     python benchmarks/proving_ground.py --seeds 1 --iterations 100 --variants cdm ddmd   # a quick look
+    python benchmarks/proving_ground.py --ground toy-sd3-coupled --variants cdm ddmd --seeds 2   # the second ground
 
 Every run is `cdmctl.run.distill` on the `demo` preset (the toy teacher's hyper-parameters; TBCM variants: on
 `demo-tbcm`) with the variant's overrides and its seed; its EMA student is then sampled at 1, 2, 4 and 8 steps
@@ -13,7 +14,8 @@ diffusers' schedulers through `cdmctl.samplers`); `teacher-best` is, per step co
 precision: the row a student must beat.
 
     python benchmarks/proving_ground.py --teacher-only --reuse old_runs.jsonl   # new teacher rows, runs kept
-Writes `<out>/proving_ground.{json,md,png}` (the PNG needs matplotlib: the `plot` extra).
+Writes `<out>/proving_ground.{json,md,png}` (the second ground, `--ground toy-sd3-coupled`:
+`proving_ground_hard.{json,md,png}`, same schema; the PNG needs matplotlib: the `plot` extra).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ BASE_PRESET = {v: "demo-tbcm" for v in VARIANTS if v.startswith("tbcm")}  # ever
 FREE: list[tuple[str, float | None]] = [("euler", None), ("euler", 1.0), ("dpmpp-2m", 1.0), ("unipc", 1.0),
                                         ("x0-renoise", 1.0)]
 BEST = "teacher-best"
+STEMS = {"toy-sd3": "proving_ground", "toy-sd3-coupled": "proving_ground_hard"}  # ground -> result file stem
 METRIC_LABELS = {"precision": "precision (higher is better)", "coverage": "mode coverage (higher is better)",
                  "mmd2": "MMD^2 (lower is better)", "adherence": "prompt adherence (higher is better)"}
 
@@ -105,14 +108,14 @@ def quiet_process(log: Path | None) -> None:
         os.close(fd)
 
 
-def toy_context(per_prompt: int):
-    """(backbone, ground truth, prompt conditioning, empty-prompt conditioning) of the toy teacher."""
+def toy_context(per_prompt: int, ground: str = "toy-sd3"):
+    """(backbone, ground truth, prompt conditioning, empty-prompt conditioning) of the ground's toy teacher."""
     from cdmctl.backbones import ensure_builtin
     from cdmctl.proving import teacher
-    from cdmctl.proving.groundtruth import GroundTruth
+    from cdmctl.proving.grounds import GROUNDS
 
-    backbone = teacher.load(ensure_builtin("toy-sd3"))
-    gt = GroundTruth()
+    backbone = teacher.load(ensure_builtin(ground))
+    gt = GROUNDS[ground].truth()
     return backbone, gt, backbone.encode_prompts(gt.prompts), backbone.encode_prompts([""])
 
 
@@ -137,8 +140,8 @@ def distill_and_score(job: dict) -> dict:
 
     overrides = [
         *VARIANTS[job["variant"]][1],
-        f"model.pretrained={ensure_builtin('toy-sd3')}",  # a folder, not builtin:toy-sd3: no demo figure per run
-        "eval.enabled=false",  # the scores below are this benchmark's; in-training evaluation needs builtin:toy-sd3
+        f"model.pretrained={ensure_builtin(job['ground'])}",  # a folder, not builtin:...: no demo figure per run
+        "eval.enabled=false",  # the scores below are this benchmark's; in-training evaluation needs builtin:<ground>
         f"train.seed={job['seed']}", f"train.iterations={job['iterations']}",
         "run.sample_every=0", "run.checkpoint_every=0", "run.log_every=50",
         *job["extra"],
@@ -147,7 +150,7 @@ def distill_and_score(job: dict) -> dict:
     start = time.perf_counter()
     result = distill(preset, out=str(Path(job["workdir"]) / "run"), live=False)
     seconds = time.perf_counter() - start
-    backbone, gt, cond, null = toy_context(job["per_prompt"])
+    backbone, gt, cond, null = toy_context(job["per_prompt"], job["ground"])
     backbone.transformer.load_state_dict(load_weights(result.checkpoint, "ema" if preset.optim.ema else "student"))
     sampler, rule, time_shift = sampling_of(preset.model_dump(mode="json"))
     scores = evaluate.evaluate(backbone, backbone.transformer, gt, cond, null, STEPS, preset.model.resolution,
@@ -162,7 +165,7 @@ def score_teacher(job: dict) -> dict:
     quiet_process(Path(job["workdir"]) / "teacher.log")
     from cdmctl.proving import evaluate, teacher
 
-    backbone, gt, cond, null = toy_context(job["per_prompt"])
+    backbone, gt, cond, null = toy_context(job["per_prompt"], job["ground"])
     start = time.perf_counter()
     scores = evaluate.evaluate(backbone, backbone.transformer, gt, cond, null, [*STEPS, REFERENCE_STEPS],
                                teacher.RESOLUTION, job["guidance"], job["per_prompt"], job["eval_seed"])  # fmt: skip
@@ -175,14 +178,21 @@ def score_free(job: dict) -> dict:
     quiet_process(Path(job["workdir"]) / "teacher.log")
     from cdmctl.proving import evaluate, teacher
 
-    backbone, gt, cond, null = toy_context(job["per_prompt"])
+    backbone, gt, cond, null = toy_context(job["per_prompt"], job["ground"])
     start = time.perf_counter()
     scores = evaluate.evaluate(backbone, backbone.transformer, gt, cond, null, [*STEPS, REFERENCE_STEPS],
                                teacher.RESOLUTION, 1.0, job["per_prompt"], job["eval_seed"], scheduler=job["sampler"],
                                shift=job["shift"])  # fmt: skip
-    return {"variant": free_name(job["sampler"], job["shift"]), "sampler": job["sampler"], "shift": job["shift"],
+    name = free_name(job["sampler"], job["shift"], own_shift(job["ground"]))
+    return {"variant": name, "sampler": job["sampler"], "shift": job["shift"],
             "guidance": 1.0, "seconds": round(time.perf_counter() - start, 1),
             "metrics": {str(k): v for k, v in scores.items()}}  # fmt: skip
+
+
+def own_shift(ground: str) -> float:
+    from cdmctl.proving.grounds import GROUNDS
+
+    return GROUNDS[ground].shift
 
 
 def run_job(job: dict) -> dict:
@@ -234,7 +244,7 @@ def fmt(ms: list[float], metric: str) -> str:
 def markdown(report: dict) -> str:
     s, floor, guidance = report["summary"], report["noise_floor"], report["settings"]["guidance"]
     lines = [
-        "# Proving ground: distilling the trained toy SD3 teacher",
+        f"# Proving ground ({report.get('ground', 'toy-sd3')}): distilling its trained toy SD3 teacher",
         "",
         f"Command: `{report['command']}`",
         "",
@@ -254,7 +264,7 @@ def markdown(report: dict) -> str:
         which = ", ".join(f"{n}: {row.removeprefix('teacher-')}" for n, row in report["teacher_best"].items())
         teacher_rows.append((f"**best training-free teacher** ({which})", BEST))
         lines += ["Training-free teacher rows (guidance 1, no training): `teacher-<sampler>` is diffusers' scheduler "
-                  "of that name (`cdmctl.samplers`) at the toy's time shift 6 (`-shift6`) or without a shift; "
+                  f"of that name (`cdmctl.samplers`) at the toy's time shift (`-shift{own_shift(report.get('ground', 'toy-sd3')):g}`) or without a shift; "
                   "`x0-renoise` is x0 prediction plus fresh noise at the uniform TrigFlow levels (TBCM's sampler). "
                   f"`{BEST}` is, per step count, the free row of best precision: the bar a student must beat.", ""]
     for metric in ("precision", "coverage", "mmd2", "adherence"):
@@ -301,7 +311,7 @@ def plot(report: dict, path: Path) -> Path | None:
         for key, color, style in (("teacher-g1", "gray", "--"), (BEST, "black", "-")):
             if key not in s:
                 continue
-            label = "best training-free teacher" if key == BEST else f"{key} (Euler, shift 6)"
+            label = "best training-free teacher" if key == BEST else f"{key} (Euler at its own shift)"
             ax.plot(xs, [s[key][str(n)][metric][0] for n in STEPS], style, color=color, marker="s",
                     linewidth=2.5 if key == BEST else 1.5, label=label)  # fmt: skip
             ax.axhline(s[key][str(REFERENCE_STEPS)][metric][0], color=color, linestyle="-.", linewidth=1,
@@ -314,7 +324,7 @@ def plot(report: dict, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()  # below the panels: inside one it hides the curves
     fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4)
-    fig.suptitle(f"Proving ground: {report['settings']['seeds']} seeds x {report['settings']['iterations']} iterations")
+    fig.suptitle(f"Proving ground {report.get('ground', 'toy-sd3')}: {report['settings']['seeds']} seeds x {report['settings']['iterations']} iterations")
     fig.tight_layout(rect=(0, 0.3, 1, 1))
     fig.savefig(path, dpi=110)
     return path
@@ -322,6 +332,7 @@ def plot(report: dict, path: Path) -> Path | None:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ground", default="toy-sd3", choices=list(STEMS), help="which proving ground (teacher, truth)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seeds-of", action="append", default=[], metavar="VARIANT=N",
@@ -347,7 +358,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def job_variant(job: dict) -> str:
     if job["kind"] == "free":
-        return free_name(job["sampler"], job["shift"])
+        return free_name(job["sampler"], job["shift"], own_shift(job["ground"]))
     return f"teacher-g{job['guidance']:g}" if job["kind"] == "teacher" else job["variant"]
 
 
@@ -371,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
     from cdmctl.config import load_preset
     from cdmctl.proving.demo import reference_guidance
 
-    toy = ensure_builtin("toy-sd3")  # build the cache once, before the workers race for it
+    toy = ensure_builtin(args.ground)  # build the cache once, before the workers race for it
     demo = load_preset("demo", args.extra)
     iterations = args.iterations or demo.train.iterations
     guidance = reference_guidance(toy, demo.method.guidance)  # the teacher's own best sampling guidance
@@ -381,10 +392,10 @@ def main(argv: list[str] | None = None) -> dict:
         return write_report(args, argv, results, iterations, demo, guidance, args.wall_seconds)
     with contextlib.ExitStack() as stack:
         work = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cdmctl-pg-")))
-        common = {"per_prompt": args.per_prompt, "eval_seed": args.eval_seed}
+        common = {"ground": args.ground, "per_prompt": args.per_prompt, "eval_seed": args.eval_seed}
         jobs = [{"kind": "teacher", "guidance": g, "workdir": str(work / f"teacher-g{g:g}"), **common}
                 for g in dict.fromkeys([1.0, guidance])]  # fmt: skip
-        jobs += [{"kind": "free", "sampler": name, "shift": shift, "workdir": str(work / free_name(name, shift)),
+        jobs += [{"kind": "free", "sampler": name, "shift": shift, "workdir": str(work / f"free-{name}-{shift}"),
                   **common} for name, shift in FREE]  # fmt: skip
         runs = [{"kind": "run", "variant": v, "seed": seed, "iterations": iterations, "extra": args.extra,
                  "workdir": str(work / f"{v}-s{seed}"), **common}
@@ -398,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
         done = {(r["variant"], r.get("seed")) for r in results}
         jobs = [j for j in jobs if (job_variant(j), j.get("seed")) not in done]
         args.out.mkdir(parents=True, exist_ok=True)
-        partial = args.out / "proving_ground.runs.jsonl"  # one line per finished job: a cut-off run keeps them
+        partial = args.out / f"{STEMS[args.ground]}.runs.jsonl"  # one line per finished job: a cut-off run keeps them
         partial.write_text("".join(json.dumps(r) + "\n" for r in results))
         with mp.get_context("spawn").Pool(max(1, min(args.jobs, len(jobs))), maxtasksperchild=1) as pool:
             for r in pool.imap_unordered(run_job, jobs):
@@ -415,22 +426,23 @@ def main(argv: list[str] | None = None) -> dict:
 
 def write_report(args, argv, results, iterations, demo, guidance, seconds) -> dict:
     from cdmctl.proving import metrics
-    from cdmctl.proving.groundtruth import GroundTruth
+    from cdmctl.proving.grounds import GROUNDS
 
-    gt = GroundTruth()
+    gt, own = GROUNDS[args.ground].truth(), own_shift(args.ground)
     floor = metrics.noise_floor(gt, args.per_prompt)
     order = {f"teacher-g{g:g}": i for i, g in enumerate(dict.fromkeys([1.0, guidance]))}
-    order.update({free_name(name, shift): len(order) + i for i, (name, shift) in enumerate(FREE)})
+    order.update({free_name(name, shift, own): len(order) + i for i, (name, shift) in enumerate(FREE)})
     order.update({v: len(order) + i for i, v in enumerate(VARIANTS)})
     results.sort(key=lambda r: (order[r["variant"]], r.get("seed", 0)))
     report = {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{os.cpu_count()} CPU cores",
+        "ground": args.ground,
         "wall_seconds": round(seconds, 1),
         "settings": {"variants": args.variants, "seeds": args.seeds, "seeds_of": args.seeds_of, "iterations": iterations,
                      "batch_size": demo.train.batch_size, "per_prompt": args.per_prompt, "eval_seed": args.eval_seed,
                      "jobs": args.jobs, "guidance": guidance, "distill_guidance": demo.method.guidance,
-                     "free_samplers": [{"row": free_name(n, k), "sampler": n, "shift": k} for n, k in FREE],
+                     "free_samplers": [{"row": free_name(n, k, own), "sampler": n, "shift": k} for n, k in FREE],
                      "extra_overrides": args.extra,
                      "overrides": {v: VARIANTS[v][1] for v in args.variants}},  # fmt: skip
         "note": args.note,
@@ -442,10 +454,11 @@ def write_report(args, argv, results, iterations, demo, guidance, seconds) -> di
         "runs": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "proving_ground.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "proving_ground.md").write_text(markdown(report))
-    plot(report, args.out / "proving_ground.png")
-    print(f"results written to {args.out}/proving_ground.{{md,json,png}} in {report['wall_seconds'] / 60:.1f} min")
+    stem = STEMS[args.ground]
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(report))
+    plot(report, args.out / f"{stem}.png")
+    print(f"results written to {args.out}/{stem}.{{md,json,png}} in {report['wall_seconds'] / 60:.1f} min")
     return report
 
 

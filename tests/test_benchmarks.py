@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -75,6 +77,24 @@ def test_proving_ground_teacher_best_is_the_best_free_row_at_each_step_count():
     assert summary["teacher-best"]["4"]["precision"] == [0.81, 0.0]
     assert pg.free_name("euler", None) == "teacher-euler-shift6" and pg.free_name("unipc", 1.0) == "teacher-unipc"
     assert "teacher-best" not in pg.summarize(runs[:1] + runs[3:])  # no sampler rows: no best row
+
+
+def test_proving_ground_on_the_second_ground_writes_the_hard_report_with_its_own_shift(tmp_path):
+    import proving_ground as pg
+
+    args = pg.parse(["--ground", "toy-sd3-coupled", "--variants", "cdm", "--seeds", "1", "--per-prompt", "2",
+                     "--out", str(tmp_path)])  # fmt: skip
+    metrics = {n: {"precision": 0.5, "coverage": 0.5, "mmd2": 0.01, "adherence": 1.0} for n in ("1", "2", "4", "8", "50")}
+    runs = [{"variant": "teacher-euler-shift3", "seed": None, "metrics": metrics},
+            {"variant": "teacher-g1", "seed": None, "metrics": metrics},
+            {"variant": "cdm", "seed": 0, "metrics": {n: v for n, v in metrics.items() if n != "50"}}]
+    from cdmctl.config import load_preset
+
+    report = pg.write_report(args, [], runs, 800, load_preset("demo-coupled"), 2.0, 1.0)
+    assert (tmp_path / "proving_ground_hard.json").exists() and not (tmp_path / "proving_ground.json").exists()
+    assert report["ground"] == "toy-sd3-coupled" and report["tau"] == pytest.approx(0.045)  # the coupled truth's
+    assert report["settings"]["free_samplers"][0]["row"] == "teacher-euler-shift3"  # its own shift is 3, not 6
+    assert "teacher-best" in report["summary"]
 
 
 def test_preset_memory_adds_the_activations_of_the_student_rows_per_gpu():
