@@ -48,12 +48,22 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
                    [*FIXED_DDMD, "method.schedule.levels=[1.0]", "inference.steps=1"]),
     "tbcm-guided": ("TBCM, rollouts at guidance 1.5", "demo-tbcm", ["method.tbcm.guidance=[1.5]"]),
     "tbcm-lr1e-5": ("TBCM at the authors' learning rate 1e-5", "demo-tbcm", ["optim.student_lr=1e-5"]),
+    # the drift after 400 iterations at lr 5e-5: decay the learning rate (and a larger batch: 128 points per update)
+    "tbcm-cosine": ("TBCM, cosine lr decay to 10%", "demo-tbcm", ["optim.lr_schedule=cosine"]),
+    "tbcm-b8-cosine": ("TBCM, batch 8, cosine lr decay to 10%", "demo-tbcm",
+                       ["optim.lr_schedule=cosine", "train.batch_size=8"]),
+    "tbcm-b16-cosine": ("TBCM, batch 16, cosine lr decay to 10%", "demo-tbcm",
+                        ["optim.lr_schedule=cosine", "train.batch_size=16"]),
     # one lever at a time from today's demo, aimed at the 4-step MMD^2 gap (error inside the modes)
     "cdm-no-merge": ("demo without merging the student into the fake teacher", "demo", ["method.merge_decay=1"]),
     "cdm-batch32": ("demo at batch 32", "demo", ["train.batch_size=32"]),
+    "cdm-batch64": ("demo at batch 64", "demo", ["train.batch_size=64"]),
     "cdm-ttur4": ("demo, 4 fake-teacher updates per student update", "demo", ["method.ttur_ratio=4"]),
     "cdm-lr-floor0": ("demo, cosine decay to 0", "demo", ["optim.lr_floor=0"]),
     "cdm-fake-lr1e-4": ("demo, fake-teacher lr 1e-4", "demo", ["optim.fake_lr=1e-4"]),
+    "cdm-fake-lr1e-3": ("demo, fake-teacher lr 1e-3", "demo", ["optim.fake_lr=1e-3"]),
+    # the toy's in-mode noise is 0.02 RMS: levels clamped at >= 0.02 barely see it (every level of the iteration)
+    "cdm-clamp0.005": ("demo, every level clamped to [0.005, 0.98]", "demo", ["method.level_clamp=[0.005,0.98]"]),
 }  # fmt: skip
 
 
