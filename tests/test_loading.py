@@ -1,7 +1,9 @@
 """Loading once for several ranks (parallel.load rank0): rank 1 builds the transformer on `meta` without reading its
 files, receives rank 0's weights over the process group (2 CPU processes, torchrun + gloo), and ends with exactly the
 tensors of a one-process load, with the LoRA trees' frozen base still one set of tensors; the frozen teacher of a
-bf16 run has no float32 copy.
+bf16 run has no float32 copy. Under FSDP2 the trees are sharded empty and filled shard by shard: every tree, gathered,
+equals an every-rank load's, tensors are shared as there, and no tree on any rank ever holds more than its shard of
+the transformer's parameters.
 
 The worker half of this file runs under torchrun (`python -m tests.test_loading`): it builds the three networks as
 `distill` does (the same functions, in the same order) and writes, per rank, a hash of every tensor of every tree and
@@ -70,12 +72,87 @@ def build(model: Path, train: str, load: str, world: int) -> tuple[dict, bool]:
     return describe(dict(zip(TREES, (student, teacher, fake)))), started_on_meta
 
 
+def stored(t: torch.Tensor) -> int:
+    """Bytes of the storage a parameter holds on this rank (a shard's padded storage; nothing on meta)."""
+    from torch.distributed.tensor import DTensor
+
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return 0 if local.is_meta else local.untyped_storage().nbytes()
+
+
+def held_at_every_broadcast(trees: dict[str, torch.nn.Module]) -> dict[str, int]:
+    """From now on, at every broadcast of this process: the largest parameter storage each tree held (as a dict that
+    fills while the process runs)."""
+    import torch.distributed as dist
+
+    peak = dict.fromkeys(trees, 0)
+    real = dist.broadcast
+
+    def spy(*args, **kwargs):
+        for tree, module in trees.items():
+            peak[tree] = max(peak[tree], sum(stored(p) for p in module.parameters()))
+        return real(*args, **kwargs)
+
+    dist.broadcast = spy
+    return peak
+
+
+def gathered_description(trees: dict[str, torch.nn.Module]) -> dict:
+    """`describe` of sharded trees: every tensor gathered whole (collective, the same order on every rank), and which
+    parameter and which buffer objects the trees share."""
+    from torch.distributed.tensor import DTensor
+
+    hashes, holders = {}, {"parameters": {}, "buffers": {}}
+    for tree, module in trees.items():
+        for kind, named in (("parameters", module.named_parameters(remove_duplicate=False)),
+                            ("buffers", module.named_buffers(remove_duplicate=False))):  # fmt: skip
+            for name, t in named:
+                hashes[f"{tree}/{name}"] = digest(t.full_tensor() if isinstance(t, DTensor) else t)
+                holders[kind].setdefault(id(t), []).append(f"{tree}/{name}")
+    shared = {kind: sorted(sorted(v) for v in by.values() if len(v) > 1) for kind, by in holders.items()}
+    return {"hashes": hashes, "shared": shared}
+
+
+def build_sharded(model: Path, train: str, load: str, out: Path) -> dict:
+    """The networks as DistillRun builds them under FSDP2 (the frozen teacher sharded too), float32 on the CPU:
+    their gathered description and, per tree, the whole parameter bytes and the most this rank held."""
+    from cdmctl.backbones import load_backbone
+    from cdmctl.backbones.loading import transformer_on_host, transformer_on_meta
+    from cdmctl.config import load_preset
+    from cdmctl.networks import adamw, build_networks
+    from cdmctl.parallel import FSDP2, build_accelerator, handover, prepare_networks, wrap_blocks
+
+    preset = load_preset("sd3-4nfe", [f"model.pretrained={model}", f"model.train={train}", "model.lora.rank=4",
+                                      "model.gradient_checkpointing=false", f"parallel.load={load}",
+                                      "model.precision=fp32", "parallel.strategy=fsdp2"])  # fmt: skip
+    acc = build_accelerator(preset, out / train, FSDP2)
+    once = load == "rank0"
+    with transformer_on_meta(once and not acc.is_main_process), transformer_on_host(once):
+        backbone = load_backbone("sd3", str(model), dtype=torch.float32, device=acc.device)
+    wrap_blocks(acc, backbone.block_classes())
+    torch.manual_seed(0)
+    trees = dict(zip(TREES, build_networks(backbone, preset, torch.float32)))
+    whole = {tree: sum(p.numel() * p.element_size() for p in m.parameters()) for tree, m in trees.items()}
+    peak = held_at_every_broadcast(trees)
+    weights = handover(acc, load, list(trees.values()))
+    student, teacher, fake = trees.values()
+    opts = adamw(student, 1e-3, preset), adamw(fake, 1e-3, preset)
+    prepare_networks(acc, "shard", student, teacher, fake, *opts, preset.model.teacher_device, weights)
+    for tree, module in trees.items():  # what each tree holds once loaded counts too
+        peak[tree] = max(peak[tree], sum(stored(p) for p in module.parameters()))
+    return {**gathered_description(trees), "whole": whole, "peak": dict(peak)}
+
+
 def worker() -> None:
     model, train, load, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    description, on_meta = build(model, train, load, world)
     rank = int(os.environ.get("RANK", "0"))
-    (out / f"rank{rank}.json").write_text(json.dumps({**description, "started_on_meta": on_meta}))
+    if load.startswith("fsdp2-"):  # every tree under FSDP2, the trainings given as "full,lora" in one launch
+        found = {t: build_sharded(model, t, load.removeprefix("fsdp2-"), out) for t in train.split(",")}
+    else:
+        description, on_meta = build(model, train, load, world)
+        found = {**description, "started_on_meta": on_meta}
+    (out / f"rank{rank}.json").write_text(json.dumps(found))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -127,6 +204,33 @@ def test_every_rank_reading_the_files_itself_is_still_there(tiny_sd3_dir, tmp_pa
     ranks = launch(tiny_sd3_dir, "lora", "every-rank", tmp_path / "two", 2)
     assert [r["started_on_meta"] for r in ranks] == [False, False]
     assert all(r["hashes"] == one["hashes"] and r["shared"] == one["shared"] for r in ranks)
+
+
+@pytest.fixture(scope="module")
+def every_rank_fsdp2(tiny_sd3_dir, tmp_path_factory) -> list[dict]:
+    """Both trainings under FSDP2 with every rank reading the files itself: the full load to compare with."""
+    return launch(tiny_sd3_dir, "full,lora", "fsdp2-every-rank", tmp_path_factory.mktemp("fsdp2-every"), 2)
+
+
+def test_under_fsdp2_no_rank_holds_a_whole_tree_and_every_tree_equals_a_full_load(tiny_sd3_dir, tmp_path,
+                                                                                  every_rank_fsdp2):  # fmt: skip
+    ranks = launch(tiny_sd3_dir, "full,lora", "fsdp2-rank0", tmp_path / "two", 2)
+    for train in ("full", "lora"):
+        full = every_rank_fsdp2[0][train]
+        for rank in (*ranks, *every_rank_fsdp2):
+            assert rank[train]["hashes"] == full["hashes"]  # every tensor of every tree, gathered, bit for bit
+            # sharded, each tree has its own shards of the frozen base, as in a full load (none shared); a buffer
+            # the trees shared before sharding stays shared (an every-rank load shares it between fewer trees)
+            assert rank[train]["shared"]["parameters"] == full["shared"]["parameters"] == []
+            groups = [set(g) for g in rank[train]["shared"]["buffers"]]
+            assert all(any(set(g) <= h for h in groups) for g in full["shared"]["buffers"])
+        for r, rank in enumerate(ranks):
+            for tree, whole in rank[train]["whole"].items():
+                held = rank[train]["peak"][tree]
+                print(f"{train} rank {r} {tree}: held at most {held} of {whole} bytes")
+                assert 0 < held <= 0.6 * whole, (train, r, tree)  # its shard (half, padded), never the whole tree
+    # the three LoRA trees share their buffers (position tables), as before sharding
+    assert any({n.split("/")[0] for n in names} == set(TREES) for names in ranks[1]["lora"]["shared"]["buffers"])
 
 
 if __name__ == "__main__":

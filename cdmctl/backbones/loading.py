@@ -20,20 +20,31 @@ from torch import nn
 from cdmctl.errors import UserError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# set by `transformer_on_meta`: load_parts builds the transformer without reading its weights
-_META_TRANSFORMER = contextvars.ContextVar("cdmctl_meta_transformer", default=False)
+# set by `transformer_on_meta` / `transformer_on_host`: where load_parts puts the transformer (None: on `device`)
+_TRANSFORMER_AT = contextvars.ContextVar("cdmctl_transformer_at", default=None)
 
 
 @contextlib.contextmanager
-def transformer_on_meta(active: bool = True) -> Iterator[None]:
-    """Within this context (when `active`), `load_parts` builds the transformer from its config on the `meta` device
-    and never reads its weights: a rank that receives them from rank 0 (`cdmctl.parallel.receive_weights`) holds no
-    copy of the files in host memory. Buffers computed at construction stay real."""
-    token = _META_TRANSFORMER.set(active)
+def _transformer_at(where: str) -> Iterator[None]:
+    token = _TRANSFORMER_AT.set(where)
     try:
         yield
     finally:
-        _META_TRANSFORMER.reset(token)
+        _TRANSFORMER_AT.reset(token)
+
+
+def transformer_on_meta(active: bool = True) -> contextlib.AbstractContextManager:
+    """Within this context (when `active`), `load_parts` builds the transformer from its config on the `meta` device
+    and never reads its weights: a rank that receives them from rank 0 (`cdmctl.parallel.receive_weights`) holds no
+    copy of the files in host memory. Buffers computed at construction stay real."""
+    return _transformer_at("meta") if active else contextlib.nullcontext()
+
+
+def transformer_on_host(active: bool = True) -> contextlib.AbstractContextManager:
+    """Within this context (when `active`), `load_parts` leaves the transformer in host memory (the other parts go to
+    `device`): rank 0 of a sharded load sends it from there, shard by shard (`cdmctl.parallel.handover`), and its
+    device never holds it whole."""
+    return _transformer_at("cpu") if active else contextlib.nullcontext()
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -141,7 +152,8 @@ def load_parts(adapter: Any, source: str, *, revision: str | None, dtype: torch.
     check_family(index, adapter, location, source)
     pipeline_class = adapter.diffusers_pipeline()
     none = {name: None for name in (*adapter.unused_parts, *skip)}
-    if _META_TRANSFORMER.get() and "transformer" not in none:
+    at = _TRANSFORMER_AT.get()
+    if at == "meta" and "transformer" not in none:
         none["transformer"] = empty_transformer(index, location, revision)
     try:
         pipe = pipeline_class.from_pretrained(location, revision=revision, **dtype_kwarg(dtype), **none)
@@ -155,7 +167,7 @@ def load_parts(adapter: Any, source: str, *, revision: str | None, dtype: torch.
     for name, module in parts.items():
         if isinstance(module, nn.Module):
             if not any(p.is_meta for p in module.parameters()):  # a meta transformer waits for its weights
-                module.to(device)
+                module.to(at if name == "transformer" and at else device)
             if name != "transformer":
                 module.requires_grad_(False)
     return parts
