@@ -3,6 +3,7 @@ until it ends or a signal stops it."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ from torch import nn
 
 from cdmctl.backbones import load_backbone, resolve_source
 from cdmctl.backbones.base import Backbone
-from cdmctl.backbones.loading import transformer_on_host, transformer_on_meta
+from cdmctl.backbones.loading import parts_from_rank0, transformer_on_host, transformer_on_meta
 from cdmctl.config.schema import Preset, sampling_of
 from cdmctl.engine import checkpoint as ckpt
 from cdmctl.engine.ema import StudentEMA
@@ -25,7 +26,7 @@ from cdmctl.engine.trigflow import LogVarHead, consistency_sample
 from cdmctl.errors import UserError
 from cdmctl.networks import adamw, build_networks, forward_context
 from cdmctl.parallel import (FSDP2, build_accelerator, effective_strategy, grad_clipper, handover, place_teacher,
-                             prepare_networks, prepare_trained, wrap_blocks)
+                             prepare_networks, prepare_trained, receive_weights, wrap_blocks)
 from cdmctl.plugins import RUN_REPORTS, register_run_report  # noqa: F401 (plugins register reports; a cheap import)
 from cdmctl.prompts import prompt_file_sha256
 from cdmctl.quiet import quiet_libraries
@@ -218,10 +219,12 @@ class DistillRun:
         model = self.preset.model
         extra = {"max_sequence_length": model.text_length} if model.text_length else {}
         acc = self.accelerator
-        # rank0: the other ranks build the transformer empty and get its weights in `handover`; sharded, rank 0
-        # holds it in host memory and sends it from there
+        # rank0: the other ranks build the transformer empty and get its weights in `handover` (sharded, rank 0
+        # holds it in host memory and sends it from there), and the text encoders and VAE as they load
         once = self.preset.parallel.load == "rank0" and acc.num_processes > 1
-        with transformer_on_meta(once and not acc.is_main_process), transformer_on_host(once and acc.is_fsdp2):
+        others = parts_from_rank0(lambda parts: receive_weights(acc, parts), empty=not acc.is_main_process)
+        with transformer_on_meta(once and not acc.is_main_process), transformer_on_host(once and acc.is_fsdp2), \
+                others if once else contextlib.nullcontext():
             return load_backbone(model.backbone, self.source, revision=model.revision, dtype=compute,
                                  device=acc.device, **extra)  # fmt: skip
 

@@ -12,6 +12,7 @@ which tensors the trees share.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -53,7 +54,7 @@ def build(model: Path, train: str, load: str, world: int) -> tuple[dict, bool]:
     from accelerate import Accelerator
 
     from cdmctl.backbones import load_backbone
-    from cdmctl.backbones.loading import transformer_on_meta
+    from cdmctl.backbones.loading import parts_from_rank0, transformer_on_meta
     from cdmctl.config import load_preset
     from cdmctl.networks import build_networks
     from cdmctl.parallel import receive_weights
@@ -61,15 +62,27 @@ def build(model: Path, train: str, load: str, world: int) -> tuple[dict, bool]:
     preset = load_preset("sd3-4nfe", [f"model.pretrained={model}", f"model.train={train}", "model.lora.rank=4",
                                       "model.gradient_checkpointing=false", f"parallel.load={load}"])  # fmt: skip
     acc = Accelerator(cpu=True)
-    empty = preset.parallel.load == "rank0" and world > 1 and not acc.is_main_process
+    once = preset.parallel.load == "rank0" and world > 1
     torch.manual_seed(0)  # LoRA's A is random: rank 0 draws it, as a one-process run does
-    with transformer_on_meta(empty):
+    parts, parts_on_meta = [], []
+
+    def receive(modules):  # as DistillRun's, noting what this rank had before it received
+        parts.extend(modules)
+        parts_on_meta.extend(any(p.is_meta for p in m.parameters()) for m in modules)
+        receive_weights(acc, modules)
+
+    others = parts_from_rank0(receive, empty=not acc.is_main_process) if once else contextlib.nullcontext()
+    with transformer_on_meta(once and not acc.is_main_process), others:
         backbone = load_backbone("sd3", str(model), dtype=torch.bfloat16, device=acc.device)
-    started_on_meta = any(p.is_meta for p in backbone.transformer.parameters())
+    started_on_meta = [any(p.is_meta for p in backbone.transformer.parameters()), *parts_on_meta]
+    parts = parts or [*backbone._text.values(), backbone.vae]  # one process, or every rank reading the files
     student, teacher, fake = build_networks(backbone, preset, torch.bfloat16)
     if load == "rank0":  # as DistillRun: every-rank loads leave each rank's own weights
         receive_weights(acc, [student, teacher, fake])
-    return describe(dict(zip(TREES, (student, teacher, fake)))), started_on_meta
+    trees = dict(zip(TREES, (student, teacher, fake)))
+    for m in parts:  # by class, in the pipeline's order (the two CLIP encoders)
+        trees[f"{type(m).__name__}{sum(type(o) is type(m) for o in trees.values())}"] = m
+    return describe(trees), started_on_meta
 
 
 def stored(t: torch.Tensor) -> int:
@@ -188,21 +201,22 @@ def test_a_rank_that_starts_on_meta_ends_with_exactly_the_weights_of_a_full_load
                                                                                  one_process):  # fmt: skip
     one = one_process(train)
     ranks = launch(tiny_sd3_dir, train, "rank0", tmp_path / "two", 2)
-    assert [r["started_on_meta"] for r in ranks] == [False, True]  # rank 1 never read the weights
+    # rank 1 never read the weights: the transformer, the three text encoders and the VAE all started on meta
+    assert [r["started_on_meta"] for r in ranks] == [[False] * 5, [True] * 5]
     for rank in ranks:
         assert rank["hashes"] == one["hashes"]  # every tensor of every tree, bit for bit
         assert rank["shared"] == one["shared"]  # the same tensors shared between the same names
     if train == "lora":  # the frozen base: one tensor held by the student, the teacher and the fake teacher
         triples = [names for names in one["shared"] if {n.split("/")[0] for n in names} == set(TREES)]
         assert len(triples) > 10
-    else:
-        assert not one["shared"]
+    else:  # full copies share nothing; T5's tied embeddings stay one tensor on the receiving rank too
+        assert one["shared"] == [["T5EncoderModel0/encoder.embed_tokens.weight", "T5EncoderModel0/shared.weight"]]
 
 
 def test_every_rank_reading_the_files_itself_is_still_there(tiny_sd3_dir, tmp_path, one_process):
     one = one_process("lora")
     ranks = launch(tiny_sd3_dir, "lora", "every-rank", tmp_path / "two", 2)
-    assert [r["started_on_meta"] for r in ranks] == [False, False]
+    assert [r["started_on_meta"] for r in ranks] == [[False], [False]]
     assert all(r["hashes"] == one["hashes"] and r["shared"] == one["shared"] for r in ranks)
 
 
