@@ -24,10 +24,10 @@ cdmctl keeps for it:
 - CUDA context and allocator slack: a flat CONTEXT per GPU. The text encoders run only while the prompt-embedding
   cache is built, then are freed; the VAE stays (sample grids).
 
-**Loading** (`parallel.load: rank0`, the default; `loading`): every rank reads the text encoders and the VAE (bf16,
-in host memory first, then on its GPU, where they encode the prompt cache); only rank 0 reads the transformer.
-DDP: rank 0 loads it in bf16 (host, then its GPU) and builds the networks on its GPU; every other rank builds them
-on `meta` and receives each tensor whole. FSDP2: rank 0 loads it into host memory and builds the networks there
+**Loading** (`parallel.load: rank0`, the default; `loading`): only rank 0 reads the files (the pipeline in bf16,
+in host memory first); every other rank builds the text encoders and the VAE on `meta` and receives them whole,
+straight into its GPU, where they encode its share of the prompt cache. DDP: rank 0 moves the transformer to its
+GPU and builds the networks there; every other rank builds them on `meta` and receives each tensor whole. FSDP2: rank 0 loads it into host memory and builds the networks there
 (whole: the same bytes as one GPU's weights); every rank then shards the networks on `meta` and fills them one
 tensor at a time (rank 0 broadcasts it, each rank keeps its shard): a GPU holds its shards plus one whole tensor in
 flight (float32), never a whole network. Per GPU while loading: the larger of (text encoders + VAE [+ the bf16
@@ -143,7 +143,8 @@ def loading(s: dict[str, int], train: str, strategy: str, n: int) -> dict[str, f
     whole_trees = per_gpu(s, train, "ddp", 1)["weights"]  # FSDP2's rank 0 builds the networks in host memory
     return {"gpu_rank0": CONTEXT + max(parts + (0 if sharded else read), placed),
             "gpu_other": CONTEXT + max(parts, placed),
-            "host_rank0": max(parts + read, whole_trees if sharded else 0), "host_other": parts}
+            "host_rank0": max(parts + read, whole_trees if sharded else 0),
+            "host_other": 0.0}  # received straight into the GPU: no weights in host memory
 
 
 # One GPU, full fine-tune: the memory switches (README "Performance"). The peak is the optimizer step's: resident
@@ -325,7 +326,8 @@ def memory_report(mems: list[dict[str, Any]], parts: dict, acts: dict, presets: 
              "step with the memory-efficient attention kernel, bf16, weights excluded; x2 for CDM's [xt; xe]), plus "
              f"{CONTEXT / GIB:.1f} GiB of CUDA context. No gradient accumulation exists, so a preset's global batch "
              "is split over the GPUs; where it does not fit 8 GPUs, the largest global batch that does is given. "
-             "Loading (`parallel.load: rank0`): only rank 0 reads the transformer; under FSDP2 it holds the networks "
+             "Loading (`parallel.load: rank0`): only rank 0 reads the weights (the other ranks hold none in host "
+             "memory: they receive them straight into their GPUs); under FSDP2 it holds the networks "
              "in host memory and every GPU receives only its shards, so a GPU's peak while loading is its shards, the "
              "VAE and one tensor in flight (or the text encoders while the prompt cache is built); a setup fits only "
              "if that peak fits too.", "",

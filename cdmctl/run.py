@@ -13,7 +13,7 @@ from torch import nn
 
 from cdmctl.backbones import load_backbone, resolve_source
 from cdmctl.backbones.base import Backbone
-from cdmctl.backbones.loading import parts_from_rank0, transformer_on_host, transformer_on_meta
+from cdmctl.backbones.loading import parts_from_rank0, transformer_at, transformer_placement
 from cdmctl.config.schema import Preset, sampling_of
 from cdmctl.engine import checkpoint as ckpt
 from cdmctl.engine.ema import StudentEMA
@@ -221,10 +221,9 @@ class DistillRun:
         acc = self.accelerator
         # rank0: the other ranks build the transformer empty and get its weights in `handover` (sharded, rank 0
         # holds it in host memory and sends it from there), and the text encoders and VAE as they load
-        once = self.preset.parallel.load == "rank0" and acc.num_processes > 1
-        others = parts_from_rank0(lambda parts: receive_weights(acc, parts), empty=not acc.is_main_process)
-        with transformer_on_meta(once and not acc.is_main_process), transformer_on_host(once and acc.is_fsdp2), \
-                others if once else contextlib.nullcontext():
+        once, main = self.preset.parallel.load == "rank0" and acc.num_processes > 1, acc.is_main_process
+        others = parts_from_rank0(lambda parts: receive_weights(acc, parts), empty=not main)
+        with transformer_at(transformer_placement(once, main, acc.is_fsdp2)), others if once else contextlib.nullcontext():
             return load_backbone(model.backbone, self.source, revision=model.revision, dtype=compute,
                                  device=acc.device, **extra)  # fmt: skip
 

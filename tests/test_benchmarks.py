@@ -91,12 +91,13 @@ def test_preset_memory_adds_the_activations_of_the_student_rows_per_gpu():
     assert mem["rows"][("fsdp2", 8)]["activations"] == 1e8 * 2 * 16
     static = one["total"] - one["activations"]
     assert static == scale_memory.per_gpu(parts["sd3-medium"], "full", "ddp", 1)["total"] + scale_memory.CONTEXT
-    # loading (parallel.load rank0): every rank reads the bf16 text encoders and VAE (2.2e9 bytes), rank 0 alone the
-    # bf16 transformer (2e9); under FSDP2 rank 0 builds the networks in host memory (bf16 teacher, float32 student and
-    # fake teacher: 10e9) and each GPU gets its shards (1.25e9 at 8) + VAE + one float32 tensor in flight (4e7)
+    # loading (parallel.load rank0): rank 0 alone reads the bf16 pipeline (text encoders and VAE 2.2e9 bytes, the
+    # transformer 2e9), the others receive it straight into their GPUs; under FSDP2 rank 0 builds the networks in host
+    # memory (bf16 teacher, float32 student and fake teacher: 10e9) and each GPU gets its shards (1.25e9 at 8) + VAE +
+    # one float32 tensor in flight (4e7); every GPU holds the text encoders and VAE for the prompt cache (2.2e9)
     ddp, fsdp2 = mem["rows"][("ddp", 2)], mem["rows"][("fsdp2", 8)]
-    assert (ddp["load_host_rank0"], ddp["load_host_other"]) == (4.2e9, 2.2e9)
-    assert (fsdp2["load_host_rank0"], fsdp2["load_host_other"]) == (10e9, 2.2e9)
+    assert (ddp["load_host_rank0"], ddp["load_host_other"]) == (4.2e9, 0)
+    assert (fsdp2["load_host_rank0"], fsdp2["load_host_other"]) == (10e9, 0)
     assert ddp["load_gpu_rank0"] == ddp["load_gpu_other"] == scale_memory.CONTEXT + 10e9 + 2e8  # whole networks
     assert fsdp2["load_gpu_rank0"] == fsdp2["load_gpu_other"] == scale_memory.CONTEXT + 2.2e9  # text encoders
     no_text = {**parts["sd3-medium"], "text": 0}  # LoRA: the bf16 base per tree and the two adapters, in shards

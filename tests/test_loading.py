@@ -130,7 +130,7 @@ def build_sharded(model: Path, train: str, load: str, out: Path) -> dict:
     """The networks as DistillRun builds them under FSDP2 (the frozen teacher sharded too), float32 on the CPU:
     their gathered description and, per tree, the whole parameter bytes and the most this rank held."""
     from cdmctl.backbones import load_backbone
-    from cdmctl.backbones.loading import transformer_on_host, transformer_on_meta
+    from cdmctl.backbones.loading import transformer_at, transformer_placement
     from cdmctl.config import load_preset
     from cdmctl.networks import adamw, build_networks
     from cdmctl.parallel import FSDP2, build_accelerator, handover, prepare_networks, wrap_blocks
@@ -139,13 +139,14 @@ def build_sharded(model: Path, train: str, load: str, out: Path) -> dict:
                                       "model.gradient_checkpointing=false", f"parallel.load={load}",
                                       "model.precision=fp32", "parallel.strategy=fsdp2"])  # fmt: skip
     acc = build_accelerator(preset, out / train, FSDP2)
-    once = load == "rank0"
-    with transformer_on_meta(once and not acc.is_main_process), transformer_on_host(once):
+    with transformer_at(transformer_placement(load == "rank0", acc.is_main_process, acc.is_fsdp2)):
         backbone = load_backbone("sd3", str(model), dtype=torch.float32, device=acc.device)
+    on_meta = any(p.is_meta for p in backbone.transformer.parameters())
     wrap_blocks(acc, backbone.block_classes())
     torch.manual_seed(0)
     trees = dict(zip(TREES, build_networks(backbone, preset, torch.float32)))
     whole = {tree: sum(p.numel() * p.element_size() for p in m.parameters()) for tree, m in trees.items()}
+    built = {tree: sum(stored(p) for p in m.parameters()) for tree, m in trees.items()}  # rank 0: whole, in host memory
     peak = held_at_every_broadcast(trees)
     weights = handover(acc, load, list(trees.values()))
     student, teacher, fake = trees.values()
@@ -153,7 +154,7 @@ def build_sharded(model: Path, train: str, load: str, out: Path) -> dict:
     prepare_networks(acc, "shard", student, teacher, fake, *opts, preset.model.teacher_device, weights)
     for tree, module in trees.items():  # what each tree holds once loaded counts too
         peak[tree] = max(peak[tree], sum(stored(p) for p in module.parameters()))
-    return {**gathered_description(trees), "whole": whole, "peak": dict(peak)}
+    return {**gathered_description(trees), "whole": whole, "peak": dict(peak), "built": built, "on_meta": on_meta}
 
 
 def worker() -> None:
@@ -238,6 +239,8 @@ def test_under_fsdp2_no_rank_holds_a_whole_tree_and_every_tree_equals_a_full_loa
             assert rank[train]["shared"]["parameters"] == full["shared"]["parameters"] == []
             groups = [set(g) for g in rank[train]["shared"]["buffers"]]
             assert all(any(set(g) <= h for h in groups) for g in full["shared"]["buffers"])
+        assert [r[train]["on_meta"] for r in ranks] == [False, True]  # rank 1 never read the transformer's files
+        assert set(ranks[1][train]["built"].values()) == {0}  # nor built any network's parameters for real
         for r, rank in enumerate(ranks):
             for tree, whole in rank[train]["whole"].items():
                 held = rank[train]["peak"][tree]

@@ -20,12 +20,15 @@ from torch import nn
 from cdmctl.errors import UserError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# set by `transformer_on_meta` / `transformer_on_host`: where load_parts puts the transformer (None: on `device`)
+# set by `transformer_at`: where load_parts puts the transformer (None: on `device`)
 _TRANSFORMER_AT = contextvars.ContextVar("cdmctl_transformer_at", default=None)
 
 
 @contextlib.contextmanager
-def _transformer_at(where: str) -> Iterator[None]:
+def transformer_at(where: str | None) -> Iterator[None]:
+    """Within this context `load_parts` puts the transformer on `where`: "meta" (`transformer_on_meta`); "cpu", host
+    memory (rank 0 of a sharded load sends it from there, shard by shard: `cdmctl.parallel.handover`, and its device
+    never holds it whole); or None: on the device it is given, like every other part."""
     token = _TRANSFORMER_AT.set(where)
     try:
         yield
@@ -35,16 +38,19 @@ def _transformer_at(where: str) -> Iterator[None]:
 
 def transformer_on_meta(active: bool = True) -> contextlib.AbstractContextManager:
     """Within this context (when `active`), `load_parts` builds the transformer from its config on the `meta` device
-    and never reads its weights: a rank that receives them from rank 0 (`cdmctl.parallel.receive_weights`) holds no
-    copy of the files in host memory. Buffers computed at construction stay real."""
-    return _transformer_at("meta") if active else contextlib.nullcontext()
+    and never reads its weights: a rank that receives them from rank 0 (`cdmctl.parallel.handover`) holds no copy
+    of the files in host memory. Buffers computed at construction stay real."""
+    return transformer_at("meta") if active else contextlib.nullcontext()
 
 
-def transformer_on_host(active: bool = True) -> contextlib.AbstractContextManager:
-    """Within this context (when `active`), `load_parts` leaves the transformer in host memory (the other parts go to
-    `device`): rank 0 of a sharded load sends it from there, shard by shard (`cdmctl.parallel.handover`), and its
-    device never holds it whole."""
-    return _transformer_at("cpu") if active else contextlib.nullcontext()
+def transformer_placement(load_once: bool, main: bool, sharded: bool) -> str | None:
+    """Where this rank loads the transformer (`transformer_at`): loaded once for all ranks, the others build it on
+    "meta"; rank 0 keeps it in host memory ("cpu") when it sends it out in shards; else on the device (None)."""
+    if not load_once:
+        return None
+    if not main:
+        return "meta"
+    return "cpu" if sharded else None
 
 
 # set by `parts_from_rank0`: (receive, empty) -- every part but the transformer read by rank 0 only
