@@ -5,7 +5,8 @@ what a strategy cannot combine with, `build_accelerator` makes the Accelerator, 
 set of trained modules, `prepare_trained` with `place_teacher`) hands the trained modules and their optimizers to
 accelerate and shards or places the frozen teacher. Sharding is accelerate's FSDP2 (`fully_shard` per
 transformer block named by the backbone's `block_classes`); checkpoints of sharded runs are torch distributed
-checkpoints written by accelerate.
+checkpoints written by accelerate. `handover` gives the other ranks rank 0's weights (`parallel.load rank0`): whole
+under DDP (`receive_weights`), shard by shard under FSDP2 (`HostWeights`).
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def prepare_networks(acc: Any, teacher_mode: str, student, teacher, fake, studen
     return student, teacher, fake, student_opt, fake_opt
 
 
-def prepare_trained(acc: Any, pairs: list[tuple[Any, Any]], weights: "HostWeights | None" = None) -> list[tuple[Any, Any]]:
+def prepare_trained(acc: Any, pairs: list[tuple[Any, Any]],
+                    weights: "HostWeights | None" = None) -> list[tuple[Any, Any]]:  # fmt: skip
     """Trained (module, its optimizer) pairs through accelerate, in this order (the order of the checkpoint's
     models and optimizers): one `prepare` call for DDP, one per pair under FSDP2 (each module filled by `weights`
     once sharded). A module without any of the backbone's blocks (TBCM's log-variance head) is sharded as one unit

@@ -222,8 +222,8 @@ class DistillRun:
         # rank0: the other ranks build the transformer empty and get its weights in `handover` (sharded, rank 0
         # holds it in host memory and sends it from there), and the text encoders and VAE as they load
         once, main = self.preset.parallel.load == "rank0" and acc.num_processes > 1, acc.is_main_process
-        others = parts_from_rank0(lambda parts: receive_weights(acc, parts), empty=not main)
-        with transformer_at(transformer_placement(once, main, acc.is_fsdp2)), others if once else contextlib.nullcontext():
+        others = parts_from_rank0(lambda parts: receive_weights(acc, parts), empty=not main) if once else None
+        with transformer_at(transformer_placement(once, main, acc.is_fsdp2)), others or contextlib.nullcontext():
             return load_backbone(model.backbone, self.source, revision=model.revision, dtype=compute,
                                  device=acc.device, **extra)  # fmt: skip
 
