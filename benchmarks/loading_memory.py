@@ -1,10 +1,11 @@
 """Peak host memory per process while several processes start a run: every rank reading the weights itself
 (`parallel.load every-rank`, the earlier behaviour) against rank 0 reading them and the others receiving them
-(`parallel.load rank0`).
+(`parallel.load rank0`, DDP), and that under FSDP2 (`rank0-fsdp2`: each rank receives only its shards).
 
 A random-weight SD3 pipeline folder of the real diffusers classes, with a transformer of a few hundred MB, is written
 once; then 2 CPU processes (torchrun, gloo) each load the backbone and build the three networks exactly as `distill`
-does (`load_backbone` under `transformer_on_meta`, `build_networks`, `receive_weights`). Each process reports its
+does (`load_backbone` under `transformer_at` and `parts_from_rank0`, `build_networks`, `handover`, and under
+FSDP2 `prepare_networks`, which fills the sharded networks). Each process reports its
 resident-set high-water mark (VmHWM in /proc/self/status) after its imports, after loading the backbone, and after
 the networks hold their weights.
 
@@ -32,7 +33,7 @@ if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
 
 # SD3Transformer2DModel arguments: 4 joint blocks of width 768, ~85M parameters (~340 MB in float32)
 TRANSFORMER = {"num_layers": 4, "attention_head_dim": 64, "num_attention_heads": 12, "caption_projection_dim": 768}
-MODES = ("every-rank", "rank0")
+MODES = ("every-rank", "rank0", "rank0-fsdp2")
 
 
 def high_water_mib() -> float:
@@ -44,31 +45,40 @@ def high_water_mib() -> float:
 
 
 def worker(model: Path, train: str, load: str, out: Path) -> None:
-    """One rank's start-up, as DistillRun does it; writes its high-water marks to out/rank<r>.json."""
+    """One rank's start-up, as DistillRun does it; writes its high-water marks to out/rank<r>.json. `load` is a
+    `parallel.load` value, or rank0-fsdp2 (rank0 under FSDP2: the networks sharded, then filled)."""
+    import contextlib
+
     import torch
-    from accelerate import Accelerator
 
     from cdmctl.backbones import load_backbone
-    from cdmctl.backbones.loading import transformer_on_meta
+    from cdmctl.backbones.loading import parts_from_rank0, transformer_at, transformer_placement
     from cdmctl.config import load_preset
-    from cdmctl.networks import build_networks
-    from cdmctl.parallel import receive_weights
+    from cdmctl.networks import adamw, build_networks
+    from cdmctl.parallel import (DDP, FSDP2, build_accelerator, handover, prepare_networks, receive_weights,
+                                 wrap_blocks)  # fmt: skip
 
     marks = {"imports": high_water_mib()}
+    strategy, load = (FSDP2, "rank0") if load == "rank0-fsdp2" else (DDP, load)
     preset = load_preset("sd3-4nfe", [f"model.pretrained={model}", f"model.train={train}", "model.precision=fp32",
-                                      f"parallel.load={load}"])  # fmt: skip
-    acc = Accelerator(cpu=True)
-    empty = load == "rank0" and not acc.is_main_process
-    with transformer_on_meta(empty):
+                                      f"parallel.load={load}", f"parallel.strategy={strategy}"])  # fmt: skip
+    acc = build_accelerator(preset, out, strategy)
+    once, main = load == "rank0", acc.is_main_process
+    others = parts_from_rank0(lambda parts: receive_weights(acc, parts), empty=not main) if once else contextlib.nullcontext()
+    with transformer_at(transformer_placement(once, main, acc.is_fsdp2)), others:
         backbone = load_backbone("sd3", str(model), dtype=torch.float32, device=acc.device)
     marks["loaded"] = high_water_mib()
+    wrap_blocks(acc, backbone.block_classes())
     params = sum(p.numel() for p in backbone.transformer.parameters())  # before LoRA adds its adapters
     student, teacher, fake = build_networks(backbone, preset, torch.float32)
-    if load == "rank0":  # as DistillRun: every-rank loads leave each rank's own weights
-        receive_weights(acc, [student, teacher, fake])
+    weights = handover(acc, load, [student, teacher, fake])
+    if acc.is_fsdp2:  # the networks sharded on meta, then filled shard by shard
+        opts = adamw(student, 1e-4, preset), adamw(fake, 1e-4, preset)
+        prepare_networks(acc, preset.parallel.teacher, student, teacher, fake, *opts, "accelerator", weights)
     marks["networks"] = high_water_mib()
     record = {"rank": acc.process_index, "marks_mib": marks, "transformer_params": params}
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(record))
+    acc.end_training()
 
 
 def run(model: Path, train: str, load: str, processes: int) -> list[dict]:
@@ -89,9 +99,9 @@ def report(rows: list[dict], command: str, weights_mib: float) -> str:
              f"transformer holds {weights_mib:.0f} MiB (float32). VmHWM (peak resident set) of each process after its "
              "imports, after loading the backbone, and after the three networks hold their weights; 'loading' is the "
              "second minus the first: what reading the weights costs that rank. On GPUs a receiving rank's weights "
-             "go to GPU memory, so there its host peak stays at 'after imports' plus the small parts (VAE, text "
-             "encoders); on these CPU processes the training device is host memory and the last column includes the "
-             "rank's own copy of the networks.", "",
+             "(the networks, the text encoders and the VAE) go to GPU memory, so there its host peak stays at 'after "
+             "imports'; on these CPU processes the training device is host memory and the last two columns include "
+             "the rank's own copy of what it received (under FSDP2: its shards of the networks).", "",
              "| train | parallel.load | rank | after imports (MiB) | after loading (MiB) | loading (MiB) | "
              "after networks (MiB) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:

@@ -22,8 +22,17 @@ cdmctl keeps for it:
 - activations: one sample's tensors saved for backward in the student's forward, measured on the meta step
   (benchmarks/real_size.py `activation_bytes`), times the samples per GPU of the student update;
 - CUDA context and allocator slack: a flat CONTEXT per GPU. The text encoders run only while the prompt-embedding
-  cache is built, then are freed; the VAE stays (sample grids). Host memory while loading: every rank loads the
-  whole pipeline in bf16 before moving it (today's loading), so a node holds it once per rank.
+  cache is built, then are freed; the VAE stays (sample grids).
+
+**Loading** (`parallel.load: rank0`, the default; `loading`): only rank 0 reads the files (the pipeline in bf16,
+in host memory first); every other rank builds the text encoders and the VAE on `meta` and receives them whole,
+straight into its GPU, where they encode its share of the prompt cache. DDP: rank 0 moves the transformer to its
+GPU and builds the networks there; every other rank builds them on `meta` and receives each tensor whole. FSDP2: rank 0 loads it into host memory and builds the networks there
+(whole: the same bytes as one GPU's weights); every rank then shards the networks on `meta` and fills them one
+tensor at a time (rank 0 broadcasts it, each rank keeps its shard): a GPU holds its shards plus one whole tensor in
+flight (float32), never a whole network. Per GPU while loading: the larger of (text encoders + VAE [+ the bf16
+transformer on DDP's rank 0]) and (the networks' weights as placed + VAE [+ the tensor in flight]); a setup fits a
+card only if this and the training total both do.
 
 **Measured** (`--measure`, under torchrun on GPUs): the real networks of the shape (random weights), prepared by
 cdmctl's own `parallel.prepare_networks`, one full TTUR cycle of the engine (two fake-teacher updates, one
@@ -97,7 +106,8 @@ def shapes(parts: dict[str, Any]) -> dict[str, int]:
 
     # P: trained values; buffers (SD3's fixed position table) are held by every copy but get no gradient or moments
     return {"P": count(t), "buffers": weight_count(t) - count(t), "A": lora_params(t, parts["targets"]), "block": max(map(count, blocks)),
-            "root": count(t) - in_blocks, "text": parts["text"], "vae": parts["vae"]}  # fmt: skip
+            "root": count(t) - in_blocks, "text": parts["text"], "vae": parts["vae"],
+            "largest": max(p.numel() for p in t.parameters())}  # fmt: skip
 
 
 def per_gpu(s: dict[str, int], train: str, strategy: str, n: int, teacher: str = "shard") -> dict[str, float]:
@@ -122,6 +132,19 @@ def per_gpu(s: dict[str, int], train: str, strategy: str, n: int, teacher: str =
         out["communication"] = 0.0
     out["total"] = sum(out.values())
     return out
+
+
+def loading(s: dict[str, int], train: str, strategy: str, n: int) -> dict[str, float]:
+    """Bytes while loading with `parallel.load: rank0` (module docstring): per GPU and host per process, for rank 0
+    and for every other rank. One process (n = 1) is rank 0 of DDP."""
+    parts, vae, read = 2 * (s["text"] + s["vae"]), 2 * s["vae"], 2 * s["P"]  # bf16 as read from the files
+    sharded = strategy == "fsdp2"
+    placed = per_gpu(s, train, strategy, n)["weights"] + vae + (4 * s["largest"] if sharded else 0)
+    whole_trees = per_gpu(s, train, "ddp", 1)["weights"]  # FSDP2's rank 0 builds the networks in host memory
+    return {"gpu_rank0": CONTEXT + max(parts + (0 if sharded else read), placed),
+            "gpu_other": CONTEXT + max(parts, placed),
+            "host_rank0": max(parts + read, whole_trees if sharded else 0),
+            "host_other": 0.0}  # received straight into the GPU: no weights in host memory
 
 
 # One GPU, full fine-tune: the memory switches (README "Performance"). The peak is the optimizer step's: resident
@@ -203,22 +226,27 @@ def preset_memory(name: str, parts: dict[str, dict], acts: dict[tuple[str, str],
             m = per_gpu(s, preset.model.train, strategy, n)
             m["activations"] = per_sample * student_rows(preset.method) * batch / n
             m["total"] += m["activations"] + CONTEXT
-            rows[(strategy, n)] = m
-    host = 2 * (s["P"] + s["text"] + s["vae"])  # every rank loads the whole pipeline in bf16 (cdmctl.backbones.loading)
+            rows[(strategy, n)] = {**m, **{f"load_{k}": v for k, v in loading(s, preset.model.train, strategy, n).items()}}
     return {"preset": name, "arch": arch.name, "train": preset.model.train, "batch": batch,
             "resolution": preset.model.resolution, "rows": rows, "act": act, "per_sample": per_sample,
-            "student_rows": student_rows(preset.method), "host_per_rank": host, "params": s}  # fmt: skip
+            "student_rows": student_rows(preset.method), "params": s}  # fmt: skip
+
+
+def load_peak(row: dict[str, float]) -> float:
+    return max(row["load_gpu_rank0"], row["load_gpu_other"])
 
 
 def fits(mem: dict[str, Any], card_gb: float) -> str:
-    """The smallest setup (fewest GPUs, DDP before FSDP2) whose per-GPU total fits `card_gb`, with its flags; else the
-    largest global batch 8 GPUs under FSDP2 hold."""
+    """The smallest setup (fewest GPUs, DDP before FSDP2) whose per-GPU total, and per-GPU peak while loading, fit
+    `card_gb`, with its flags; else the largest global batch 8 GPUs under FSDP2 hold."""
     for n in GPUS:
         for strategy in ("ddp", "fsdp2"):
             m = mem["rows"].get((strategy, n))
-            if m is not None and m["total"] <= card_gb * 1e9:
+            if m is not None and max(m["total"], load_peak(m)) <= card_gb * 1e9:
                 return f"{n} GPU" + (f"s, `parallel.strategy={strategy}`" if n > 1 else "")
     m = mem["rows"][("fsdp2", 8)]
+    if load_peak(m) > card_gb * 1e9:
+        return "not on 8 GPUs"
     static = m["total"] - m["activations"]
     per_prompt = mem["per_sample"] * mem["student_rows"]
     room = int((card_gb * 1e9 - static) // per_prompt) if card_gb * 1e9 > static else 0
@@ -229,24 +257,33 @@ def fits(mem: dict[str, Any], card_gb: float) -> str:
 
 def preset_table(mems: list[dict[str, Any]]) -> list[str]:
     head = ["preset (train, global batch, px)", "transformer, LoRA adapter", "activations GiB/sample (ckpt / none)",
-            "host GiB per rank while loading", *(f"{c} GB cards" for c in CARDS_GB)]  # fmt: skip
+            "host GiB while loading: rank 0 DDP / FSDP2, other ranks", *(f"{c} GB cards" for c in CARDS_GB)]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in mems:
         p = m["params"]
         adapter = f", {p['A'] / 1e6:.0f}M" if m["train"] == "lora" else ""
         lines.append(f"| {m['preset']} ({m['train']}, {m['batch']}, {m['resolution']}) | {p['P'] / 1e9:.2f}B{adapter} | "
                      f"{m['act']['checkpointing'] / GIB:.2f} / {m['act']['no_checkpointing'] / GIB:.1f} | "
-                     f"{m['host_per_rank'] / GIB:.0f} | " + " | ".join(fits(m, c) for c in CARDS_GB) + " |")  # fmt: skip
+                     f"{host_cell(m)} | " + " | ".join(fits(m, c) for c in CARDS_GB) + " |")  # fmt: skip
     return lines
+
+
+def host_cell(m: dict[str, Any]) -> str:
+    ddp, fsdp2 = m["rows"][("ddp", 2)], m["rows"][("fsdp2", 2)]
+    return f"{ddp['load_host_rank0'] / GIB:.0f} / {fsdp2['load_host_rank0'] / GIB:.0f}, {ddp['load_host_other'] / GIB:.0f}"
 
 
 def per_gpu_table(mems: list[dict[str, Any]]) -> list[str]:
     keys = ("weights", "gradients", "optimizer", "ema", "communication", "activations", "total")
-    lines = ["| preset | strategy | GPUs | batch/GPU | " + " | ".join(keys) + " |", "|" + "---|" * (4 + len(keys))]
+    loads = ("load_gpu_rank0", "load_gpu_other", "load_host_rank0", "load_host_other")
+    lines = ["| preset | strategy | GPUs | batch/GPU | " + " | ".join(keys) + " | loading: GPU rank 0 / others | "
+             "loading: host rank 0 / others |", "|" + "---|" * (6 + len(keys))]  # fmt: skip
     for m in mems:
         for (strategy, n), row in m["rows"].items():
+            g0, g1, h0, h1 = (row[k] / GIB for k in loads)
             lines.append(f"| {m['preset']} | {strategy if n > 1 else '-'} | {n} | {m['batch'] // n} | "
-                         + " | ".join(f"{row[k] / GIB:.1f}" for k in keys) + " |")  # fmt: skip
+                         + " | ".join(f"{row[k] / GIB:.1f}" for k in keys)
+                         + (f" | {g0:.1f} / {g1:.1f} | {h0:.0f} / {h1:.0f} |" if n > 1 else f" | {g0:.1f} | {h0:.0f} |"))  # fmt: skip
     return lines
 
 
@@ -288,7 +325,12 @@ def memory_report(mems: list[dict[str, Any]], parts: dict, acts: dict, presets: 
              "forward with gradient at the preset's batch per GPU (one sample's saved tensors measured on the meta "
              "step with the memory-efficient attention kernel, bf16, weights excluded; x2 for CDM's [xt; xe]), plus "
              f"{CONTEXT / GIB:.1f} GiB of CUDA context. No gradient accumulation exists, so a preset's global batch "
-             "is split over the GPUs; where it does not fit 8 GPUs, the largest global batch that does is given.", "",
+             "is split over the GPUs; where it does not fit 8 GPUs, the largest global batch that does is given. "
+             "Loading (`parallel.load: rank0`): only rank 0 reads the weights (the other ranks hold none in host "
+             "memory: they receive them straight into their GPUs); under FSDP2 it holds the networks "
+             "in host memory and every GPU receives only its shards, so a GPU's peak while loading is its shards, the "
+             "VAE and one tensor in flight (or the text encoders while the prompt cache is built); a setup fits only "
+             "if that peak fits too.", "",
              *preset_table(mems), "", "## Per GPU, GiB", "", *per_gpu_table(mems), "",
              *(cross_check(parts, acts) if ("sd3-medium", "full") in acts else []), "",
              "## SD3-Medium full fine-tune on one 48 GB GPU (optimizer-step peak)", "",

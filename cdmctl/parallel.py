@@ -5,7 +5,8 @@ what a strategy cannot combine with, `build_accelerator` makes the Accelerator, 
 set of trained modules, `prepare_trained` with `place_teacher`) hands the trained modules and their optimizers to
 accelerate and shards or places the frozen teacher. Sharding is accelerate's FSDP2 (`fully_shard` per
 transformer block named by the backbone's `block_classes`); checkpoints of sharded runs are torch distributed
-checkpoints written by accelerate.
+checkpoints written by accelerate. `handover` gives the other ranks rank 0's weights (`parallel.load rank0`): whole
+under DDP (`receive_weights`), shard by shard under FSDP2 (`HostWeights`).
 """
 
 from __future__ import annotations
@@ -152,19 +153,22 @@ def wrap_blocks(acc: Any, block_classes: list[type]) -> None:
 
 
 def prepare_networks(acc: Any, teacher_mode: str, student, teacher, fake, student_opt, fake_opt,
-                     teacher_device: str = "accelerator"):  # fmt: skip
+                     teacher_device: str = "accelerator", weights: "HostWeights | None" = None):  # fmt: skip
     """The networks and optimizers through accelerate: DDP-wrapped, or FSDP2-sharded (accelerate's FSDP2 takes
     one model with its optimizer per call); the frozen teacher is sharded too, replicated on every rank, or
-    offloaded to host memory."""
-    (student, student_opt), (fake, fake_opt) = prepare_trained(acc, [(student, student_opt), (fake, fake_opt)])
-    return student, place_teacher(acc, teacher_mode, teacher, teacher_device), fake, student_opt, fake_opt
+    offloaded to host memory. `weights` (a sharded rank-0 load, `handover`) fills each tree once it is sharded."""
+    pairs = [(student, student_opt), (fake, fake_opt)]
+    (student, student_opt), (fake, fake_opt) = prepare_trained(acc, pairs, weights)
+    teacher = place_teacher(acc, teacher_mode, teacher, teacher_device, weights)
+    return student, teacher, fake, student_opt, fake_opt
 
 
-def prepare_trained(acc: Any, pairs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+def prepare_trained(acc: Any, pairs: list[tuple[Any, Any]],
+                    weights: "HostWeights | None" = None) -> list[tuple[Any, Any]]:  # fmt: skip
     """Trained (module, its optimizer) pairs through accelerate, in this order (the order of the checkpoint's
-    models and optimizers): one `prepare` call for DDP, one per pair under FSDP2. A module without any of the
-    backbone's blocks (TBCM's log-variance head) is sharded as one unit (accelerate refuses block names the
-    module lacks)."""
+    models and optimizers): one `prepare` call for DDP, one per pair under FSDP2 (each module filled by `weights`
+    once sharded). A module without any of the backbone's blocks (TBCM's log-variance head) is sharded as one unit
+    (accelerate refuses block names the module lacks)."""
     if not acc.is_fsdp2:
         prepared = acc.prepare(*[m for m, _ in pairs], *[o for _, o in pairs])
         n = len(pairs)
@@ -177,20 +181,23 @@ def prepare_trained(acc: Any, pairs: list[tuple[Any, Any]]) -> list[tuple[Any, A
             present = {type(m).__name__ for m in module.modules()}
             plugin.transformer_cls_names_to_wrap = [n for n in blocks if n in present]
         try:
-            out.append(acc.prepare(module, optimizer))
+            module, optimizer = acc.prepare(module, optimizer)
         finally:
             plugin.transformer_cls_names_to_wrap = blocks
+        out.append((filled(weights, acc, module), optimizer))
     return out
 
 
-def place_teacher(acc: Any, teacher_mode: str, teacher, teacher_device: str = "accelerator"):
+def place_teacher(acc: Any, teacher_mode: str, teacher, teacher_device: str = "accelerator",
+                  weights: "HostWeights | None" = None):  # fmt: skip
     """The frozen teacher on this rank's device: whole, sharded under FSDP2 with `parallel.teacher shard`, or in
-    host memory (`model.teacher_device cpu`)."""
+    host memory (`model.teacher_device cpu`). `weights` fills a whole teacher before it is placed, a sharded one
+    after."""
     if teacher_device == "cpu":
-        return offload_frozen(teacher, acc.device)
+        return offload_frozen(filled(weights, acc, teacher, "cpu"), acc.device)
     if acc.is_fsdp2 and teacher_mode == "shard":
-        return shard_frozen(acc, teacher)
-    return teacher.to(acc.device)
+        return filled(weights, acc, shard_frozen(acc, teacher))
+    return filled(weights, acc, teacher, acc.device).to(acc.device)
 
 
 def offload_frozen(module, device):
@@ -211,7 +218,8 @@ def shard_frozen(acc: Any, module):
     never changes, so save_state need not write it)."""
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-    return fsdp2_prepare_model(acc, module.to(acc.device))
+    on_meta = any(t.is_meta for t in (*module.parameters(), *module.buffers()))  # filled once sharded
+    return fsdp2_prepare_model(acc, module if on_meta else module.to(acc.device))
 
 
 def grad_clipper(acc: Any):
@@ -286,3 +294,93 @@ def replace_tensors(modules: list[Any], fresh: dict[int, Any]) -> None:
                 for name, t in table.items():
                     if t is not None and id(t) in fresh:
                         table[name] = fresh[id(t)]
+
+
+def handover(acc: Any, load: str, modules: list[Any]) -> "HostWeights | None":
+    """Rank 0's weights to the other ranks (`parallel.load rank0`), called before the optimizers take the parameters.
+    Whole copies (DDP): received now (`receive_weights`). Sharded (FSDP2): rank 0 keeps its tensors in host memory
+    and every rank's trees go to `meta`, to be filled shard by shard once sharded (`HostWeights.fill`): no device,
+    and no rank but 0, ever holds a whole tree. None when there is nothing to hand over later."""
+    if load != "rank0" or acc.num_processes == 1:
+        return None
+    if not acc.is_fsdp2:
+        receive_weights(acc, modules)
+        return None
+    return HostWeights(acc, modules)
+
+
+def filled(weights: "HostWeights | None", acc: Any, module, device: Any = None):
+    """`module` with rank 0's weights (`HostWeights.fill`) when a sharded load hands them over, else as it is."""
+    if weights is not None:
+        weights.fill(acc, module, device)
+    return module
+
+
+class HostWeights:
+    """Rank 0's tensors of module trees in host memory (other ranks: nothing), while the trees, on `meta` on every
+    rank, are sharded; then filled tree by tree, one tensor at a time: rank 0 broadcasts it whole and each rank
+    keeps its shard of a sharded parameter (the whole of a buffer or unsharded one)."""
+
+    def __init__(self, acc: Any, modules: list[Any]):
+        tensors = distinct_tensors(modules)
+        index = {id(t): i for i, t in enumerate(tensors)}  # the same on every rank: the trees are built alike
+        # per tree: name -> which distinct tensor; tensors the trees shared, whole, stay shared when filled
+        self.names = {id(m): {n: index[id(t)] for n, t in named_tensors(m)} for m in modules if m is not None}
+        self.host = [t.detach().cpu() for t in tensors] if acc.is_main_process else []
+        self.whole: dict[int, Any] = {}  # distinct tensor -> the unsharded tensor it was filled into
+        for module in modules:
+            if module is not None:
+                module.to("meta")
+
+    def fill(self, acc: Any, module, device: Any = None) -> None:
+        """Every tensor of `module` (a tree handed over, now sharded or not) from rank 0 (collective)."""
+        import torch
+
+        from cdmctl.engine.sharding import is_sharded, layout_of, split
+
+        names = self.names.get(id(module))
+        if names is None:  # not handed over (TBCM's log-variance head): its own weights
+            return
+        module.to_empty(device=device or acc.device)  # FSDP2 re-registers each shard's storage
+        with torch.no_grad():
+            for name, t in named_tensors(module):
+                i = names[name]
+                if not is_sharded(t) and i in self.whole:  # already filled, whole, into a tree before
+                    set_tensor(module, name, self.whole[i])
+                    continue
+                whole = self.received(acc, t, i)
+                if is_sharded(t):
+                    t.to_local().copy_(split(whole, layout_of(t)))
+                    continue
+                if whole is not t:
+                    t.copy_(whole)
+                self.whole[i] = t
+
+    def received(self, acc: Any, t: Any, i: int) -> Any:
+        """Distinct tensor `i` whole, as rank 0 holds it, in `t`'s dtype on the communication device (broadcast
+        straight into `t` when `t` is a whole tensor there)."""
+        import torch
+        import torch.distributed as dist
+
+        from cdmctl.engine.sharding import is_sharded
+
+        dtype, device = (t.to_local() if is_sharded(t) else t).dtype, acc.device
+        into = not is_sharded(t) and t.is_contiguous() and t.device == torch.device(device)
+        whole = t if into else torch.empty(t.shape, dtype=dtype, device=device)
+        if acc.is_main_process:
+            whole.copy_(self.host[i])
+        dist.broadcast(whole, src=0)
+        return whole
+
+
+def named_tensors(module) -> list[tuple[str, Any]]:
+    """Every parameter and buffer of a tree by its name (a tensor held under two names: its first)."""
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
+def set_tensor(module, name: str, tensor: Any) -> None:
+    """Put `tensor` at `name` (a parameter's or buffer's) in the tree."""
+    owner, _, leaf = name.rpartition(".")
+    sub = module.get_submodule(owner)
+    table = sub._parameters if leaf in sub._parameters else sub._buffers
+    table[leaf] = tensor

@@ -3,6 +3,7 @@ until it ends or a signal stops it."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ from torch import nn
 
 from cdmctl.backbones import load_backbone, resolve_source
 from cdmctl.backbones.base import Backbone
-from cdmctl.backbones.loading import transformer_on_meta
+from cdmctl.backbones.loading import parts_from_rank0, transformer_at, transformer_placement
 from cdmctl.config.schema import Preset, sampling_of
 from cdmctl.engine import checkpoint as ckpt
 from cdmctl.engine.ema import StudentEMA
@@ -24,7 +25,7 @@ from cdmctl.engine.tbcm import TBCMDistiller
 from cdmctl.engine.trigflow import LogVarHead, consistency_sample
 from cdmctl.errors import UserError
 from cdmctl.networks import adamw, build_networks, forward_context
-from cdmctl.parallel import (FSDP2, build_accelerator, effective_strategy, grad_clipper, place_teacher,
+from cdmctl.parallel import (FSDP2, build_accelerator, effective_strategy, grad_clipper, handover, place_teacher,
                              prepare_networks, prepare_trained, receive_weights, wrap_blocks)
 from cdmctl.plugins import RUN_REPORTS, register_run_report  # noqa: F401 (plugins register reports; a cheap import)
 from cdmctl.prompts import prompt_file_sha256
@@ -197,14 +198,14 @@ class DistillRun:
 
         set_seed(preset.train.seed)
         student, teacher, _ = build_networks(self.backbone, preset, compute, fake=False)
-        if preset.parallel.load == "rank0":
-            receive_weights(acc, [student, teacher])
+        weights = handover(acc, preset.parallel.load, [student, teacher])
         # the head's fixed Fourier features come from their own stream, not the global generator
         head = LogVarHead(generator=generator(preset.train.seed, "logvar-head"))
         student_opt = adamw(student, preset.optim.student_lr, preset)
         head_opt = adamw(head, preset.method.tbcm.logvar_lr or preset.optim.student_lr, preset, weight_decay=0.0)
-        (student, student_opt), (head, head_opt) = prepare_trained(acc, [(student, student_opt), (head, head_opt)])
-        teacher = place_teacher(acc, preset.parallel.teacher, teacher, preset.model.teacher_device)
+        pairs = [(student, student_opt), (head, head_opt)]
+        (student, student_opt), (head, head_opt) = prepare_trained(acc, pairs, weights)
+        teacher = place_teacher(acc, preset.parallel.teacher, teacher, preset.model.teacher_device, weights)
         self.forward_context = forward_context(acc.autocast, preset.model.attention_backend)
         self.roles = Roles(self.backbone, student, teacher, None, autocast=self.forward_context,
                            unwrap=acc.unwrap_model)  # fmt: skip
@@ -218,9 +219,11 @@ class DistillRun:
         model = self.preset.model
         extra = {"max_sequence_length": model.text_length} if model.text_length else {}
         acc = self.accelerator
-        # rank0: the other ranks build the transformer empty and get its weights in `receive_weights`
-        empty = self.preset.parallel.load == "rank0" and acc.num_processes > 1 and not acc.is_main_process
-        with transformer_on_meta(empty):
+        # rank0: the other ranks build the transformer empty and get its weights in `handover` (sharded, rank 0
+        # holds it in host memory and sends it from there), and the text encoders and VAE as they load
+        once, main = self.preset.parallel.load == "rank0" and acc.num_processes > 1, acc.is_main_process
+        others = parts_from_rank0(lambda parts: receive_weights(acc, parts), empty=not main) if once else None
+        with transformer_at(transformer_placement(once, main, acc.is_fsdp2)), others or contextlib.nullcontext():
             return load_backbone(model.backbone, self.source, revision=model.revision, dtype=compute,
                                  device=acc.device, **extra)  # fmt: skip
 
@@ -233,11 +236,11 @@ class DistillRun:
         # RNG states a checkpoint stores (and any library drawing from them) are reproducible as well
         set_seed(preset.train.seed)
         student, teacher, fake = build_networks(self.backbone, preset, compute)
-        if preset.parallel.load == "rank0":
-            receive_weights(acc, [student, teacher, fake])  # before the optimizers take the parameters
+        weights = handover(acc, preset.parallel.load, [student, teacher, fake])  # before the optimizers
         student_opt, fake_opt = adamw(student, preset.optim.student_lr, preset), adamw(fake, preset.optim.fake_lr, preset)
         student, teacher, fake, student_opt, fake_opt = prepare_networks(
-            acc, preset.parallel.teacher, student, teacher, fake, student_opt, fake_opt, preset.model.teacher_device)
+            acc, preset.parallel.teacher, student, teacher, fake, student_opt, fake_opt, preset.model.teacher_device,
+            weights)
         self.forward_context = forward_context(acc.autocast, preset.model.attention_backend)
         self.roles = Roles(self.backbone, student, teacher, fake, autocast=self.forward_context, unwrap=acc.unwrap_model)
         self.ema = self.student_ema(student)

@@ -103,7 +103,7 @@ def test_preset_memory_adds_the_activations_of_the_student_rows_per_gpu():
     assert scale_memory.student_rows(load_preset("sd3-4nfe").method) == 2  # CDM: [xt; xe]
     assert scale_memory.student_rows(load_preset("sd3-ddmd").method) == 1  # CA + DM at xt only
     parts = {"sd3-medium": {"P": 10**9, "A": 10**7, "block": 10**7, "root": 10**6, "text": 10**9, "vae": 10**8,
-                            "buffers": 0}}  # fmt: skip
+                            "buffers": 0, "largest": 10**7}}  # fmt: skip
     acts = {("sd3-medium", "full"): {"checkpointing": 1e8, "no_checkpointing": 1e9, "blocks": 24}}
     mem = scale_memory.preset_memory("sd3-4nfe", parts, acts)
     one = mem["rows"][("ddp", 1)]
@@ -111,7 +111,18 @@ def test_preset_memory_adds_the_activations_of_the_student_rows_per_gpu():
     assert mem["rows"][("fsdp2", 8)]["activations"] == 1e8 * 2 * 16
     static = one["total"] - one["activations"]
     assert static == scale_memory.per_gpu(parts["sd3-medium"], "full", "ddp", 1)["total"] + scale_memory.CONTEXT
-    assert mem["host_per_rank"] == 2 * (10**9 + 10**9 + 10**8)
+    # loading (parallel.load rank0): rank 0 alone reads the bf16 pipeline (text encoders and VAE 2.2e9 bytes, the
+    # transformer 2e9), the others receive it straight into their GPUs; under FSDP2 rank 0 builds the networks in host
+    # memory (bf16 teacher, float32 student and fake teacher: 10e9) and each GPU gets its shards (1.25e9 at 8) + VAE +
+    # one float32 tensor in flight (4e7); every GPU holds the text encoders and VAE for the prompt cache (2.2e9)
+    ddp, fsdp2 = mem["rows"][("ddp", 2)], mem["rows"][("fsdp2", 8)]
+    assert (ddp["load_host_rank0"], ddp["load_host_other"]) == (4.2e9, 0)
+    assert (fsdp2["load_host_rank0"], fsdp2["load_host_other"]) == (10e9, 0)
+    assert ddp["load_gpu_rank0"] == ddp["load_gpu_other"] == scale_memory.CONTEXT + 10e9 + 2e8  # whole networks
+    assert fsdp2["load_gpu_rank0"] == fsdp2["load_gpu_other"] == scale_memory.CONTEXT + 2.2e9  # text encoders
+    no_text = {**parts["sd3-medium"], "text": 0}  # LoRA: the bf16 base per tree and the two adapters, in shards
+    assert scale_memory.loading(no_text, "lora", "fsdp2", 8)["gpu_other"] == scale_memory.CONTEXT + (
+        3 * 2e9 / 8 + 2 * 4e7 / 8 + 2e8 + 4e7)
     # 8 GPUs under FSDP2 fit 80 GB here, and nothing smaller does at batch 128: the smallest setup is named
     totals = {k: v["total"] / 1e9 for k, v in mem["rows"].items()}
     smallest = min((n for (strategy, n), t in totals.items() if t <= 80), default=None)

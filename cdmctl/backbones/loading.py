@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +20,53 @@ from torch import nn
 from cdmctl.errors import UserError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# set by `transformer_on_meta`: load_parts builds the transformer without reading its weights
-_META_TRANSFORMER = contextvars.ContextVar("cdmctl_meta_transformer", default=False)
+# set by `transformer_at`: where load_parts puts the transformer (None: on `device`)
+_TRANSFORMER_AT = contextvars.ContextVar("cdmctl_transformer_at", default=None)
 
 
 @contextlib.contextmanager
-def transformer_on_meta(active: bool = True) -> Iterator[None]:
-    """Within this context (when `active`), `load_parts` builds the transformer from its config on the `meta` device
-    and never reads its weights: a rank that receives them from rank 0 (`cdmctl.parallel.receive_weights`) holds no
-    copy of the files in host memory. Buffers computed at construction stay real."""
-    token = _META_TRANSFORMER.set(active)
+def transformer_at(where: str | None) -> Iterator[None]:
+    """Within this context `load_parts` puts the transformer on `where`: "meta" (`transformer_on_meta`); "cpu", host
+    memory (rank 0 of a sharded load sends it from there, shard by shard: `cdmctl.parallel.handover`, and its device
+    never holds it whole); or None: on the device it is given, like every other part."""
+    token = _TRANSFORMER_AT.set(where)
     try:
         yield
     finally:
-        _META_TRANSFORMER.reset(token)
+        _TRANSFORMER_AT.reset(token)
+
+
+def transformer_on_meta(active: bool = True) -> contextlib.AbstractContextManager:
+    """Within this context (when `active`), `load_parts` builds the transformer from its config on the `meta` device
+    and never reads its weights: a rank that receives them from rank 0 (`cdmctl.parallel.handover`) holds no copy
+    of the files in host memory. Buffers computed at construction stay real."""
+    return transformer_at("meta") if active else contextlib.nullcontext()
+
+
+def transformer_placement(load_once: bool, main: bool, sharded: bool) -> str | None:
+    """Where this rank loads the transformer (`transformer_at`): loaded once for all ranks, the others build it on
+    "meta"; rank 0 keeps it in host memory ("cpu") when it sends it out in shards; else on the device (None)."""
+    if not load_once:
+        return None
+    if not main:
+        return "meta"
+    return "cpu" if sharded else None
+
+
+# set by `parts_from_rank0`: (receive, empty) -- every part but the transformer read by rank 0 only
+_PARTS_FROM_RANK0 = contextvars.ContextVar("cdmctl_parts_from_rank0", default=None)
+
+
+@contextlib.contextmanager
+def parts_from_rank0(receive: Callable[[list[nn.Module]], None], empty: bool) -> Iterator[None]:
+    """Within this context `load_parts` reads the text encoders and the VAE on rank 0 only: a rank that receives them
+    (`empty`) builds them from their configs on `meta`, and once loaded every rank calls `receive(modules)`, which
+    fills them from rank 0 (collective; `cdmctl.parallel.receive_weights`): no host copy on the other ranks."""
+    token = _PARTS_FROM_RANK0.set((receive, empty))
+    try:
+        yield
+    finally:
+        _PARTS_FROM_RANK0.reset(token)
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -141,8 +174,11 @@ def load_parts(adapter: Any, source: str, *, revision: str | None, dtype: torch.
     check_family(index, adapter, location, source)
     pipeline_class = adapter.diffusers_pipeline()
     none = {name: None for name in (*adapter.unused_parts, *skip)}
-    if _META_TRANSFORMER.get() and "transformer" not in none:
-        none["transformer"] = empty_transformer(index, location, revision)
+    at, shared = _TRANSFORMER_AT.get(), _PARTS_FROM_RANK0.get()
+    if at == "meta" and "transformer" not in none:
+        none["transformer"] = empty_part(index, location, revision, "transformer")
+    if shared is not None and shared[1]:  # this rank receives the other parts: built empty
+        none |= {name: empty_part(index, location, revision, name) for name in module_parts(index, none)}
     try:
         pipe = pipeline_class.from_pretrained(location, revision=revision, **dtype_kwarg(dtype), **none)
     except (OSError, ValueError) as e:
@@ -154,22 +190,48 @@ def load_parts(adapter: Any, source: str, *, revision: str | None, dtype: torch.
     parts = dict(pipe.components)
     for name, module in parts.items():
         if isinstance(module, nn.Module):
-            if not any(p.is_meta for p in module.parameters()):  # a meta transformer waits for its weights
-                module.to(device)
+            if not any(p.is_meta for p in module.parameters()):  # a meta part waits for its weights
+                module.to(at if name == "transformer" and at else device)
             if name != "transformer":
                 module.requires_grad_(False)
+    if shared is not None:  # every rank, in the pipeline's order of its parts
+        shared[0]([m for n, m in parts.items() if isinstance(m, nn.Module) and n != "transformer"])
     return parts
 
 
-def empty_transformer(index: dict[str, Any], location: str, revision: str | None) -> nn.Module:
-    """The pipeline's transformer class built from its config with every parameter on `meta` (no memory, no file
-    read); buffers computed at construction (position tables) are real. Shapes are all it needs to be right: each
-    tensor takes rank 0's dtype and values when received."""
-    import diffusers
+def module_parts(index: dict[str, Any], loaded_otherwise: dict[str, Any]) -> list[str]:
+    """The pipeline's parts that are torch modules (not tokenizers or schedulers), but the transformer and those
+    given to the pipeline otherwise (unused, skipped)."""
+    import importlib
+
+    names = []
+    for name, spec in index.items():
+        if name.startswith("_") or name == "transformer" or name in loaded_otherwise or not isinstance(spec, list):
+            continue
+        library, class_name = spec
+        if library and class_name:
+            cls = getattr(importlib.import_module(library), class_name, None)
+            if isinstance(cls, type) and issubclass(cls, nn.Module):
+                names.append(name)
+    return names
+
+
+def empty_part(index: dict[str, Any], location: str, revision: str | None, name: str) -> nn.Module:
+    """The pipeline's part `name` (a diffusers or transformers model class) built from its config with every
+    parameter on `meta` (no memory, no weights read); buffers computed at construction (position tables) are real.
+    Shapes are all it needs to be right: each tensor takes rank 0's dtype and values when received."""
+    import importlib
+
     from accelerate import init_empty_weights
 
-    model_class = getattr(diffusers, index["transformer"][1])
-    config = model_class.load_config(location, subfolder="transformer", revision=revision)
+    library, class_name = index[name]
+    model_class = getattr(importlib.import_module(library), class_name)
+    if library == "diffusers":
+        config = model_class.load_config(location, subfolder=name, revision=revision)
+        with init_empty_weights(include_buffers=False):
+            return model_class.from_config(config)
+    config = model_class.config_class.from_pretrained(location, subfolder=name, revision=revision)
     with init_empty_weights(include_buffers=False):
-        model = model_class.from_config(config)
+        model = model_class(config)
+    model.tie_weights()  # as from_pretrained does (T5's shared and encoder embeddings are one tensor)
     return model

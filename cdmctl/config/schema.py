@@ -406,10 +406,11 @@ class ParallelConfig(Section):
     )
     load: Literal["rank0", "every-rank"] = Field(
         "rank0",
-        description="Several processes: rank0 = only rank 0 reads the transformer's weights; every other rank builds "
-        "it empty (on the meta device) and receives rank 0's weights over the process group, straight into its "
-        "device memory (host memory does not grow with the ranks). every-rank = each rank reads the files itself "
-        "(as earlier versions did: one host copy per rank, no broadcast).",
+        description="Several processes: rank0 = only rank 0 reads the weights (transformer, text encoders, VAE); every "
+        "other rank builds them empty (on the meta device) and receives rank 0's weights over the process group, "
+        "straight into its device memory (host memory does not grow with the ranks). Under fsdp2 rank 0 holds the "
+        "networks in host memory and each rank receives only its shards of them. every-rank = each rank reads the "
+        "files itself (as earlier versions did: one host copy per rank, no broadcast).",
     )
     timeout_s: int = Field(
         600, ge=10,
