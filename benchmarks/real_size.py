@@ -44,7 +44,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,17 +63,33 @@ def to_meta(value: Any) -> Any:
     return value.detach().to("meta") if isinstance(value, torch.Tensor) else value
 
 
+def counted(counter: Any, run: Callable[[], Any]) -> tuple[Any, dict]:
+    """run() and the FLOPs it added to `counter`'s global count, by operation ({} without a counter)."""
+    counts = counter.flop_counts["Global"] if counter is not None else {}
+    before = dict(counts)
+    out = run()
+    return out, {op: n - before.get(op, 0) for op, n in counts.items() if n != before.get(op, 0)}
+
+
 class _Crossing(torch.autograd.Function):
-    """Run the meta network, return zeros of its outputs on the caller's device; backward: into the meta graph."""
+    """Run the meta network, return zeros of its outputs on the caller's device; backward: into the meta graph;
+    forward mode (torch.func.jvp, TBCM's `jvp: autograd`): torch.func.jvp of the meta network, zero tangents back."""
 
     @staticmethod
-    def forward(ctx, boundary: "MetaBoundary", spec: Any, anchor: torch.Tensor, *flat: Any):
+    def forward(boundary: "MetaBoundary", spec: Any, anchor: torch.Tensor, *flat: Any):
         args, kwargs = tree_unflatten(list(flat), spec)
         with torch.enable_grad():
-            out = boundary.inner(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
+            out, boundary.primal_flops = counted(boundary.counter, lambda: boundary.inner(
+                *tree_map(to_meta, args), **tree_map(to_meta, kwargs)))
         leaves, boundary.out_spec = tree_flatten(out)
-        ctx.meta_out = leaves
+        boundary.crossed = leaves  # for setup_context (which functorch may call more than once)
         return tuple(torch.zeros(t.shape, dtype=t.dtype, device=anchor.device) for t in leaves)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: tuple) -> None:
+        boundary, spec, anchor, *flat = inputs
+        ctx.boundary, ctx.spec, ctx.flat, ctx.device = boundary, spec, flat, anchor.device
+        ctx.meta_out, ctx.primal_flops = boundary.crossed, boundary.primal_flops
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
@@ -81,7 +97,31 @@ class _Crossing(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         ctx.meta_out = None
-        return (None, None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
+        return (None, None, None) + (None,) * len(ctx.flat)
+
+    @staticmethod
+    def jvp(ctx, *tangents: torch.Tensor | None):
+        """torch.func.jvp of the meta network at the inputs that carry a tangent, under torch's own attention (the
+        math kernel `jvp_autograd` pins; forward mode has no rule for the efficient one). The primal it recomputes
+        was counted by `forward` already: its FLOPs come off, leaving what one dual-tensor forward costs."""
+        which = [i for i, t in enumerate(tangents[3:]) if t is not None]
+
+        def network(*varying: torch.Tensor) -> Any:
+            leaves = [to_meta(v) for v in ctx.flat]
+            for i, v in zip(which, varying):
+                leaves[i] = v
+            args, kwargs = tree_unflatten(leaves, ctx.spec)
+            return ctx.boundary.inner(*args, **kwargs)
+
+        primals = tuple(to_meta(ctx.flat[i]) for i in which)
+        directions = tuple(to_meta(tangents[3 + i]) for i in which)
+        with torch.no_grad(), torch_attention():
+            counted(ctx.boundary.counter, lambda: torch.func.jvp(network, primals, directions))
+        if ctx.boundary.counter is not None:
+            for op, n in ctx.primal_flops.items():
+                ctx.boundary.counter.flop_counts["Global"][op] -= n
+        return tuple(torch.zeros(t.shape, dtype=t.dtype, device=ctx.device) if t.is_floating_point() else None
+                     for t in ctx.meta_out)  # fmt: skip
 
 
 def signature(tree: Any) -> tuple:
@@ -104,12 +144,14 @@ class MetaBoundary(nn.Module):
         super().__init__()
         self.inner = inner
         self.out_spec = None
-        self.counter = None  # the FlopCounterMode of the cycle, for replayed calls
+        self.counter = None  # the FlopCounterMode of the cycle, for replayed calls and the JVP's FLOPs
+        self.crossed, self.primal_flops = None, {}  # _Crossing's forward to its setup_context
         self.replay: dict[tuple, tuple[list, Any, dict]] = {}  # signature -> meta outputs, spec, FLOPs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = tree_flatten((args, kwargs))
-        if not torch.is_grad_enabled():
+        # torch.func.jvp runs without gradient, but its dual tensors must cross by _Crossing's forward-mode rule
+        if not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
             return self.without_grad(args, kwargs)
         trains = any(p.requires_grad for p in self.inner.parameters())
         anchor = torch.zeros((), requires_grad=trains)  # the outputs need a gradient when the network trains
@@ -119,12 +161,9 @@ class MetaBoundary(nn.Module):
     def without_grad(self, args: tuple, kwargs: dict) -> Any:
         key = (self.inner.training, signature((args, kwargs)))
         if key not in self.replay:
-            counts = self.counter.flop_counts["Global"] if self.counter is not None else {}
-            before = dict(counts)
             with torch.no_grad():
-                out = self.inner(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
+                out, added = counted(self.counter, lambda: self.inner(*tree_map(to_meta, args), **tree_map(to_meta, kwargs)))
             leaves, out_spec = tree_flatten(out)
-            added = {op: n - before.get(op, 0) for op, n in counts.items() if n != before.get(op, 0)}
             self.replay[key] = ([t.detach() if isinstance(t, torch.Tensor) else t for t in leaves], out_spec, added)
         elif self.counter is not None:
             for op, n in self.replay[key][2].items():
@@ -159,6 +198,16 @@ def gpu_attention():
         yield
     finally:
         F.scaled_dot_product_attention = efficient_attention.__defaults__[-1]
+
+
+@contextlib.contextmanager
+def torch_attention():
+    """torch's own scaled_dot_product_attention for the block (on meta: the math path), whatever was in place."""
+    current, F.scaled_dot_product_attention = F.scaled_dot_product_attention, efficient_attention.__defaults__[-1]
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = current
 
 
 class ShapeBank:
@@ -201,10 +250,11 @@ class OneProcess:
 
     @staticmethod
     def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
-        """Meta gradients have no values: the norm is computed (shapes checked) and reported as 0."""
+        """Meta gradients have no values: the norm is computed (shapes checked) and reported as 0. TBCM clips the
+        meta student's and the CPU head's gradients together: each norm joins the others on meta."""
         grads = [p.grad for p in params if p.grad is not None]
         if grads:
-            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()).to("meta") for g in grads]))
         return torch.zeros(())
 
     @staticmethod
@@ -214,36 +264,67 @@ class OneProcess:
 
 
 def build_cycle(preset_name: str, batch: int, overrides: tuple[str, ...] = ()):
-    """The preset's Distiller over meta networks, as `cdmctl distill` assembles it on one process."""
+    """The preset's distiller (its method family's) over meta networks, as `cdmctl distill` assembles it on one
+    process."""
     from cdmctl.backbones.architectures import for_model, meta_backbone
     from cdmctl.config.load import load_preset
-    from cdmctl.engine.ema import StudentEMA
-    from cdmctl.engine.loop import Distiller
-    from cdmctl.engine.roles import Roles
-    from cdmctl.networks import adamw, build_networks
     from cdmctl.runprompts import batch_maker
 
     preset = load_preset(preset_name, list(overrides))
-    if preset.method.family != "cdm":
-        raise ValueError(f"{preset_name}: method family {preset.method.family} (see the module docstring)")
     arch = for_model(preset.model.pretrained)
     backbone = meta_backbone(arch)
     res = preset.model.resolution
     latent = backbone.latent_shape(res, res)
     torch.manual_seed(preset.train.seed)
-    student, teacher, fake = build_networks(backbone, preset, torch.bfloat16)
-    student_opt, fake_opt = adamw(student, preset.optim.student_lr, preset), adamw(fake, preset.optim.fake_lr, preset)
-    ema = StudentEMA(student, preset.optim.ema_max_decay) if preset.optim.ema else None
-    roles = Roles(backbone, MetaBoundary(student), MetaBoundary(teacher), MetaBoundary(fake))
     acc = OneProcess()
     make_batch = batch_maker(ShapeBank(arch.conditioning), batch, latent, acc.device)
 
     def shift(s: torch.Tensor, steps: int | None = None) -> torch.Tensor:
         return backbone.shift(s, res, res, steps).to(s.device)
 
-    distiller = Distiller(acc, roles, preset.method, preset.optim, student_opt, fake_opt, ema, make_batch=make_batch,
-                          shift=shift, seed=preset.train.seed, clip=acc.clip_grad_norm_)  # fmt: skip
-    return preset, arch, backbone, latent, distiller
+    build = {"cdm": cdm_distiller, "tbcm": tbcm_distiller}[preset.method.family]
+    return preset, arch, backbone, latent, build(preset, backbone, acc, make_batch, shift)
+
+
+def cdm_distiller(preset: Any, backbone: Any, acc: OneProcess, make_batch: Callable, shift: Callable):
+    """Student, teacher and fake teacher behind meta boundaries, their optimizers and EMA: run.py's cdm_distiller."""
+    from cdmctl.engine.ema import StudentEMA
+    from cdmctl.engine.loop import Distiller
+    from cdmctl.engine.roles import Roles
+    from cdmctl.networks import adamw, build_networks
+
+    student, teacher, fake = build_networks(backbone, preset, torch.bfloat16)
+    student_opt, fake_opt = adamw(student, preset.optim.student_lr, preset), adamw(fake, preset.optim.fake_lr, preset)
+    ema = StudentEMA(student, preset.optim.ema_max_decay) if preset.optim.ema else None
+    roles = Roles(backbone, MetaBoundary(student), MetaBoundary(teacher), MetaBoundary(fake))
+    return Distiller(acc, roles, preset.method, preset.optim, student_opt, fake_opt, ema, make_batch=make_batch,
+                     shift=shift, seed=preset.train.seed, clip=acc.clip_grad_norm_)  # fmt: skip
+
+
+def tbcm_distiller(preset: Any, backbone: Any, acc: OneProcess, make_batch: Callable, shift: Callable):
+    """Student and teacher behind meta boundaries, the log-variance head (on the CPU: it is small), the student's
+    and the head's optimizers and the EMA: run.py's tbcm_distiller. Roles keeps its default `unwrap`, so the
+    student `jvp_autograd` differentiates is the boundary, whose forward-mode rule runs torch.func.jvp on meta."""
+    from cdmctl.engine.ema import StudentEMA
+    from cdmctl.engine.rng import generator
+    from cdmctl.engine.roles import Roles
+    from cdmctl.engine.tbcm import TBCMDistiller
+    from cdmctl.engine.trigflow import LogVarHead
+    from cdmctl.networks import adamw, build_networks
+
+    student, teacher, _ = build_networks(backbone, preset, torch.bfloat16, fake=False)
+    head = LogVarHead(generator=generator(preset.train.seed, "logvar-head"))
+    student_opt = adamw(student, preset.optim.student_lr, preset)
+    head_opt = adamw(head, preset.method.tbcm.logvar_lr or preset.optim.student_lr, preset, weight_decay=0.0)
+    ema = StudentEMA(student, preset.optim.ema_max_decay) if preset.optim.ema else None
+    roles = Roles(backbone, MetaBoundary(student), MetaBoundary(teacher), None)
+    return TBCMDistiller(acc, roles, head, preset.method, preset.optim, [student_opt, head_opt], ema,
+                         make_batch=make_batch, shift=shift, seed=preset.train.seed, clip=acc.clip_grad_norm_)  # fmt: skip
+
+
+def cycle_iterations(preset: Any) -> int:
+    """Iterations to one student update: the CDM family's `ttur_ratio`; TBCM updates the student every iteration."""
+    return preset.method.ttur_ratio if preset.method.family == "cdm" else 1
 
 
 def forward_flops(backbone: Any, module: nn.Module, latent: tuple[int, ...], shapes: dict, grad: bool) -> int:
@@ -305,14 +386,16 @@ def run_cycle(preset_name: str, batch: int = 2, overrides: tuple[str, ...] = ())
 
     start = time.perf_counter()
     preset, arch, backbone, latent, distiller = build_cycle(preset_name, batch, overrides)
-    iterations, cost, lengths = preset.method.ttur_ratio, {}, []
+    iterations, cost, lengths = cycle_iterations(preset), {}, []
     roles = distiller.roles
     with FlopCounterMode(display=False) as counter, gpu_attention():
         for boundary in (roles.student_module, roles.teacher_module, roles.fake_module):
-            boundary.counter = counter
+            if boundary is not None:
+                boundary.counter = counter
         for _ in range(iterations):
             stats = distiller.iteration()
-            lengths.append(int(stats["level/n"]))
+            # the drawn schedule's length; TBCM: its fixed route (the teacher's rollout)
+            lengths.append(int(stats["level/n"]) if "level/n" in stats else len(distiller.route))
             for key, value in stats.items():
                 if key.startswith("cost/"):
                     cost[key] = cost.get(key, 0) + int(value)
@@ -321,6 +404,7 @@ def run_cycle(preset_name: str, batch: int = 2, overrides: tuple[str, ...] = ())
     fwd = forward_flops(backbone, student, latent, arch.conditioning, grad=False)
     return {
         "preset": preset_name, "model": arch.hub_id, "family": arch.family, "train": preset.model.train,
+        "method": preset.method.family, "jvp": preset.method.tbcm.jvp if preset.method.family == "tbcm" else None,
         "resolution": preset.model.resolution, "latent": list(latent), "batch_per_process": batch,
         "global_batch": preset.train.batch_size, "iterations": iterations, "schedule_lengths": lengths,
         "cost": cost, "flops_cycle": counter.get_total_flops(), "flops_forward_per_sample": fwd,
