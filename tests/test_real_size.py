@@ -7,7 +7,9 @@ millisecond each; one FLUX.2 [klein] forward is about a second), so the default 
 model (FLUX.2 [klein] 4B, full fine-tune, every network a full copy) at batch 1 with the training seed whose two drawn
 schedules have one step each (`train.seed=6`; the schedule's range is the preset's). Every real preset at its own
 seed and batch 2 is marked slow and run by `python benchmarks/real_size.py` (results in
-benchmarks/results/real_size.md).
+benchmarks/results/real_size.md). TBCM (`sd3-tbcm`, SD3-Medium) runs by default too, with a two-level route (one
+training point per prompt) at batch 1: its teacher rollout, the student's JVP (torch.func.jvp through the meta
+boundary's forward-mode rule) and one student update.
 """
 
 from __future__ import annotations
@@ -46,9 +48,44 @@ def test_one_cycle_runs_at_real_size_and_counts_its_flops(name, batch, overrides
     assert row["cost"]["cost/student_bwd"] > 0 and row["cost"]["cost/fake_bwd"] > 0
 
 
-def test_tbcm_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="tbcm"):
-        real_size.build_cycle("sd3-tbcm", 2)
+TBCM = ("sd3-tbcm", 1, ("method.tbcm.route_steps=2",))  # one training point per prompt (see the module docstring)
+
+
+TBCM_CASES = [pytest.param(*TBCM, id="fast-sd3-tbcm"), pytest.param("sd3-tbcm", 2, (), marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize(("name", "batch", "overrides"), TBCM_CASES)
+def test_a_tbcm_cycle_runs_at_real_size_with_its_jvp(name, batch, overrides):
+    row = real_size.run_cycle(name, batch, overrides)
+    route = row["schedule_lengths"][0]
+    points = (route - 1) * batch  # the rollout's training points
+    assert row["iterations"] == 1 and row["jvp"] == "autograd"
+    assert row["cost"] == {"cost/teacher_fwd": 2 * route * batch,  # CFG: conditional and unconditional
+                           "cost/student_jvp_fwd": 3 * points, "cost/student_fwd": points, "cost/student_bwd": points}
+    # the FLOPs: the teacher's forwards, the student's forward and backward (3 forwards), and its JVP, which is
+    # three matmuls per linear layer (primal, tangent, and the zero weight tangent torch.func.jvp carries): were the
+    # JVP's tangent not counted (or its dual tensors detached at the boundary), the cycle would fall below this
+    fwd = row["flops_forward_per_sample"]
+    assert row["flops_cycle"] > (2 * route * batch + 3 * points + 3 * points) * fwd
+
+
+def test_a_jvp_crosses_the_boundary_as_a_jvp_of_the_meta_network():
+    import torch
+    from torch import nn
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = nn.Linear(8, 4)
+    x, v = torch.zeros(3, 8), torch.ones(3, 8)
+    with FlopCounterMode(display=False) as direct, torch.no_grad():
+        torch.func.jvp(net, (x.to("meta"),), (v.to("meta"),))
+    boundary = real_size.MetaBoundary(net)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():  # as jvp_autograd calls it
+        boundary.counter = counter
+        out, tangent = torch.func.jvp(boundary, (x,), (v,))
+    assert out.shape == tangent.shape == (3, 4) and tangent.device.type == "cpu" and not tangent.any()
+    # the boundary's forward and its jvp rule each run the primal; one is taken off: one dual-tensor forward's FLOPs
+    assert counter.get_total_flops() == direct.get_total_flops() > 2 * (2 * 3 * 8 * 4)  # more than primal + tangent
 
 
 def test_a_repeated_call_without_gradient_is_replayed_with_its_flops():
