@@ -24,13 +24,18 @@ operation cache hits but the Python dispatch remains). One SD3-Medium forward at
 A cycle therefore runs a network call without gradient once per distinct input shape (MetaBoundary replays the
 rest with their FLOPs); calls with gradient, their backward and checkpointing's recompute all run.
 
-Not covered: numbers (the networks compute nothing), the gradient norm (a clip on meta gradients has no value; the
-clip reports 0), and TBCM (`sd3-tbcm`, refused by `build_cycle`). Its JVP (`jvp: autograd`) is
-torch.func.jvp over the student unwrapped: here that is the meta network itself, fed CPU dual tensors, and through
-MetaBoundary it is refused ("In order to use an autograd.Function with functorch transforms ... it must override
-the setup_context staticmethod": `_Crossing` has no forward-mode rule). Forward-mode AD itself works on meta and
-under FakeTensorMode (torch.func.jvp through a small SD3 transformer gives the tangent's shape on both), so a
-boundary with a `jvp` rule that runs torch.func.jvp on meta would let TBCM through; that boundary is not written.
+Not covered: numbers (the networks compute nothing) and the gradient norm (a clip on meta gradients has no value;
+the clip reports 0).
+
+TBCM (`sd3-tbcm`) runs its own distiller, built as run.py builds it (student and teacher, the log-variance head on
+the CPU with its own optimizer, the EMA), one iteration per cycle. Its JVP (`jvp: autograd`) is torch.func.jvp over
+the student unwrapped, which here is the student's MetaBoundary (Roles' default `unwrap`, as a DDP wrapper would
+be): the boundary routes dual tensors to `_Crossing`, whose forward-mode rule (`jvp`) runs torch.func.jvp of the
+meta network at the inputs that carry a tangent, under torch's own attention (the math kernel jvp_autograd pins; the
+memory-efficient kernel has no forward-mode rule), takes off the primal FLOPs its forward already counted and hands
+back zero tangents of the outputs' shapes on the CPU. torch.func.jvp of a linear layer dispatches three matmuls
+(primal, input tangent, and the weights' zero tangent), on meta as on the CPU (checked), so the JVP costs about three
+forwards in the FLOP count, as the engine's cost model (JVP_FORWARDS) says.
 
 Writes benchmarks/results/real_size.md and .json with the command.
 """
