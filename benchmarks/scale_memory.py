@@ -8,19 +8,21 @@
 (cdmctl.backbones.architectures, with sources) and its weights counted; the memory of each state is then what
 cdmctl keeps for it:
 
-- weights: student and fake teacher float32 masters, the frozen teacher in bf16 (full); LoRA: the frozen bf16
+- weights: student and fake teacher (TBCM: the student only) float32 masters, the frozen teacher in bf16 (full); LoRA: the frozen bf16
   base once under DDP (the three module trees share it), and per tree under FSDP2 (each tree is sharded on its
   own: 3 x base / N with `parallel.teacher: shard`, base + 2 x base / N with `replicate`), plus float32 adapters
   for the student and the fake teacher;
 - gradients: float32, of one network at a time (the student's and the fake teacher's updates do not overlap and
   gradients are freed after each step);
-- optimizer: AdamW's two float32 moments of both trained networks; EMA: float32 copy of the student's trained
+- optimizer: AdamW's two float32 moments of both trained networks (TBCM: one); EMA: float32 copy of the student's trained
   weights (`optim.ema_device: cpu` moves it off the GPU);
 - communication: DDP's gradient buckets (a float32 copy of each trained network's gradients, allocated once);
   FSDP2's transient whole weights of two blocks in bf16 (the current one and the prefetched next), the root
   module's weights (not resharded after forward) and one block's whole float32 gradients before reduce-scatter.
 - activations: one sample's tensors saved for backward in the student's forward, measured on the meta step
-  (benchmarks/real_size.py `activation_bytes`), times the samples per GPU of the student update;
+  (benchmarks/real_size.py `activation_bytes`), times the samples per GPU of the student update (TBCM: every
+  rollout point of every prompt, route_steps - 1 per prompt; its JVP runs without a graph: it saves nothing for
+  backward, and its transient memory is not counted);
 - CUDA context and allocator slack: a flat CONTEXT per GPU. The text encoders run only while the prompt-embedding
   cache is built, then are freed; the VAE stays (sample grids).
 
@@ -110,22 +112,24 @@ def shapes(parts: dict[str, Any]) -> dict[str, int]:
             "largest": max(p.numel() for p in t.parameters())}  # fmt: skip
 
 
-def per_gpu(s: dict[str, int], train: str, strategy: str, n: int, teacher: str = "shard") -> dict[str, float]:
-    """Bytes per GPU of each state (see the module docstring), for n GPUs."""
+def per_gpu(s: dict[str, int], train: str, strategy: str, n: int, teacher: str = "shard",
+            nets: int = 2) -> dict[str, float]:  # fmt: skip
+    """Bytes per GPU of each state (see the module docstring), for n GPUs; `nets` trained networks (the CDM family:
+    student and fake teacher; TBCM: the student only)."""
     P, A = s["P"], s["A"]
-    trained = P if train == "full" else A  # per trained network (student, fake teacher)
+    trained = P if train == "full" else A  # per trained network
     shard = n if strategy == "fsdp2" else 1
     if train == "full":
         teacher_bytes = 2 * P / (shard if teacher == "shard" else 1)
-        weights = 2 * 4 * P / shard + teacher_bytes
+        weights = nets * 4 * P / shard + teacher_bytes
     else:
-        base = 3 * 2 * P / shard if teacher == "shard" else 2 * P + 2 * 2 * P / shard
-        weights = (2 * P if strategy != "fsdp2" else base) + 2 * 4 * A / shard
-    weights += s.get("buffers", 0) * (4 + 4 + 2 if train == "full" else 2)  # per copy; the LoRA trees share one
-    out = {"weights": weights, "gradients": 4 * trained / shard, "optimizer": 2 * 8 * trained / shard,
+        base = (nets + 1) * 2 * P / shard if teacher == "shard" else 2 * P + nets * 2 * P / shard
+        weights = (2 * P if strategy != "fsdp2" else base) + nets * 4 * A / shard
+    weights += s.get("buffers", 0) * (4 * nets + 2 if train == "full" else 2)  # per copy; the LoRA trees share one
+    out = {"weights": weights, "gradients": 4 * trained / shard, "optimizer": nets * 8 * trained / shard,
            "ema": 4 * trained / shard}  # fmt: skip
     if strategy == "ddp" and n > 1:
-        out["communication"] = 2 * 4 * trained  # DDP buckets of both trained networks
+        out["communication"] = nets * 4 * trained  # DDP buckets of every trained network
     elif strategy == "fsdp2":
         out["communication"] = 2 * 2 * s["block"] + 2 * s["root"] + 4 * s["block"]
     else:
@@ -134,13 +138,13 @@ def per_gpu(s: dict[str, int], train: str, strategy: str, n: int, teacher: str =
     return out
 
 
-def loading(s: dict[str, int], train: str, strategy: str, n: int) -> dict[str, float]:
+def loading(s: dict[str, int], train: str, strategy: str, n: int, nets: int = 2) -> dict[str, float]:
     """Bytes while loading with `parallel.load: rank0` (module docstring): per GPU and host per process, for rank 0
     and for every other rank. One process (n = 1) is rank 0 of DDP."""
     parts, vae, read = 2 * (s["text"] + s["vae"]), 2 * s["vae"], 2 * s["P"]  # bf16 as read from the files
     sharded = strategy == "fsdp2"
-    placed = per_gpu(s, train, strategy, n)["weights"] + vae + (4 * s["largest"] if sharded else 0)
-    whole_trees = per_gpu(s, train, "ddp", 1)["weights"]  # FSDP2's rank 0 builds the networks in host memory
+    placed = per_gpu(s, train, strategy, n, nets=nets)["weights"] + vae + (4 * s["largest"] if sharded else 0)
+    whole_trees = per_gpu(s, train, "ddp", 1, nets=nets)["weights"]  # FSDP2's rank 0 builds the networks in host memory
     return {"gpu_rank0": CONTEXT + max(parts + (0 if sharded else read), placed),
             "gpu_other": CONTEXT + max(parts, placed),
             "host_rank0": max(parts + read, whole_trees if sharded else 0),
@@ -195,7 +199,10 @@ def measured() -> list[dict[str, Any]]:
 
 
 def student_rows(method: Any) -> int:
-    """Samples per prompt in the student's forward with gradient (engine.step.predict_student: [xt; xe] for CDM)."""
+    """Samples per prompt in the student's forward with gradient (engine.step.predict_student: [xt; xe] for CDM;
+    TBCM: every point of the teacher's rollout but its start, engine.tbcm.teacher_rollout)."""
+    if method.family == "tbcm":
+        return method.tbcm.route_steps - 1
     w = method.losses
     main, cdm = bool(w.ca or w.dm or w.guided_dm), bool(w.cdm)
     shared = main and cdm and method.cdm_perturbation == "none"
@@ -223,10 +230,11 @@ def preset_memory(name: str, parts: dict[str, dict], acts: dict[tuple[str, str],
         for n in GPUS:
             if (strategy == "fsdp2" and n == 1) or batch % n:
                 continue
-            m = per_gpu(s, preset.model.train, strategy, n)
+            nets = 1 if preset.method.family == "tbcm" else 2  # TBCM trains no fake teacher
+            m = per_gpu(s, preset.model.train, strategy, n, nets=nets)
             m["activations"] = per_sample * student_rows(preset.method) * batch / n
             m["total"] += m["activations"] + CONTEXT
-            rows[(strategy, n)] = {**m, **{f"load_{k}": v for k, v in loading(s, preset.model.train, strategy, n).items()}}
+            rows[(strategy, n)] = {**m, **{f"load_{k}": v for k, v in loading(s, preset.model.train, strategy, n, nets).items()}}
     return {"preset": name, "arch": arch.name, "train": preset.model.train, "batch": batch,
             "resolution": preset.model.resolution, "rows": rows, "act": act, "per_sample": per_sample,
             "student_rows": student_rows(preset.method), "params": s}  # fmt: skip
@@ -303,7 +311,7 @@ def report(presets: list[str] | None = None, out: Path | None = None) -> None:
 
     parts: dict[str, dict] = {}
     acts: dict[tuple[str, str], dict] = {}
-    names = presets or [n for n in real_presets() if n != "sd3-tbcm"]
+    names = presets or real_presets()
     mems: list[dict[str, Any]] = []
     for name in names:  # written after every preset: a slow machine keeps what it has computed
         mems.append(preset_memory(name, parts, acts))

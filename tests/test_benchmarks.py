@@ -97,6 +97,20 @@ def test_proving_ground_on_the_second_ground_writes_the_hard_report_with_its_own
     assert "teacher-best" in report["summary"]
 
 
+def test_a_tbcm_preset_trains_one_network_on_every_rollout_point():
+    from cdmctl.config.load import load_preset
+
+    assert scale_memory.student_rows(load_preset("sd3-tbcm").method) == 15  # route_steps 16: every point but the start
+    s = {"P": 10**9, "A": 10**7, "block": 10**7, "root": 10**6, "text": 10**9, "vae": 10**8, "largest": 10**6}
+    cdm, tbcm = (scale_memory.per_gpu(s, "full", "ddp", 2, nets=k) for k in (2, 1))
+    assert cdm["weights"] - tbcm["weights"] == 4 * 10**9  # no fake teacher's float32 master
+    assert cdm["optimizer"] - tbcm["optimizer"] == 8 * 10**9  # nor its AdamW moments
+    assert cdm["communication"] == 2 * tbcm["communication"] and cdm["gradients"] == tbcm["gradients"]
+    mem = scale_memory.preset_memory("sd3-tbcm", {"sd3-medium": {**s, "buffers": 0}},
+                                     {("sd3-medium", "full"): {"checkpointing": 1e8, "no_checkpointing": 1e9}})
+    assert mem["rows"][("fsdp2", 8)]["activations"] == 1e8 * 15 * 32 / 8  # 480 points over 8 GPUs
+
+
 def test_preset_memory_adds_the_activations_of_the_student_rows_per_gpu():
     from cdmctl.config.load import load_preset
 
