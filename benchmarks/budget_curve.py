@@ -119,7 +119,7 @@ def score_student(job: dict, preset, checkpoint: Path, context) -> dict:
             continue  # TBCM students sample on the authors' unshifted TrigFlow levels: no shift to choose
         scores = evaluate.evaluate(backbone, backbone.transformer, gt, cond, null, STEPS, preset.model.resolution,
                                    per_prompt=job["per_prompt"], seed=job["eval_seed"], sampler=sampler,
-                                   time_shift=shift, rule=rule)  # fmt: skip
+                                   time_shift=shift, rule=rule, levels=preset.inference.levels)  # fmt: skip
         out[label] = {str(k): v for k, v in scores.items()}
     return out
 

@@ -155,7 +155,7 @@ def distill_and_score(job: dict) -> dict:
     sampler, rule, time_shift = sampling_of(preset.model_dump(mode="json"))
     scores = evaluate.evaluate(backbone, backbone.transformer, gt, cond, null, STEPS, preset.model.resolution,
                                per_prompt=job["per_prompt"], seed=job["eval_seed"], sampler=sampler, rule=rule,
-                               time_shift=time_shift)  # fmt: skip
+                               time_shift=time_shift, levels=preset.inference.levels)  # fmt: skip
     return {"variant": job["variant"], "seed": job["seed"], "train_seconds": round(seconds, 1),
             "metrics": {str(k): v for k, v in scores.items()}}  # fmt: skip
 

@@ -157,3 +157,17 @@ def test_students_levels_follow_their_method_and_inference_time_shift(toy):
     assert tbcm.tolist() == pytest.approx([1.0, 0.608979], abs=1e-6)
     cdm = evaluate.inference_levels(backbone, 2, teacher.RESOLUTION)
     assert cdm.tolist() == pytest.approx([1.0, 3 / 3.5], abs=1e-6)  # 6 * 0.5 / (1 + 5 * 0.5)
+
+
+def test_a_presets_own_levels_are_sampled_at_their_step_count_only(toy):
+    """inference.levels (how generate and export sample a student) reach the proving ground's evaluation too."""
+    from cdmctl.proving import evaluate, teacher
+
+    backbone = toy[0]
+    own = evaluate.inference_levels(backbone, 2, teacher.RESOLUTION, False, "trigflow", levels=[1.0, 0.406])
+    assert own.tolist() == pytest.approx([1.0, 0.406])
+    other = evaluate.inference_levels(backbone, 4, teacher.RESOLUTION, False, "trigflow", levels=[1.0, 0.406])
+    assert other.tolist() == pytest.approx(evaluate.inference_levels(backbone, 4, teacher.RESOLUTION, False,
+                                                                     "trigflow").tolist())  # fmt: skip
+    shifted = evaluate.inference_levels(backbone, 2, teacher.RESOLUTION, True, "uniform", levels=[1.0, 0.5])
+    assert shifted.tolist() == pytest.approx([1.0, 3 / 3.5], abs=1e-6)  # the preset's levels go through the shift

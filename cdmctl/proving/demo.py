@@ -60,10 +60,10 @@ def write_before_after(run: "DistillRun", per_prompt: int | None = None, seed: i
     noise = evaluate.paired_noise(len(idx), gt.latent_shape, seed)
     rows = cond.index(idx)
 
-    def run_column(module, n, g, sampling=("euler", "uniform", True)):
+    def run_column(module, n, g, sampling=("euler", "uniform", True), levels=None):
         sampler, rule, time_shift = sampling
         x = evaluate.sample(run.backbone, module, rows, noise, n, res, g, null, sampler=sampler, seed=seed, rule=rule,
-                            time_shift=time_shift)  # fmt: skip
+                            time_shift=time_shift, levels=levels)  # fmt: skip
         return x, metrics.score(gt, x, idx, ref, ref_idx)
 
     # TBCM students: sCM's consistency sampler on the TrigFlow levels; inference.time_shift as the preset says
@@ -75,7 +75,7 @@ def write_before_after(run: "DistillRun", per_prompt: int | None = None, seed: i
         f"teacher, {steps} steps, guidance {guidance:g}": run_column(tm, steps, guidance),
     }
     with swap:
-        columns[f"student, {steps} steps"] = run_column(student, steps, 1.0, student_sampler)
+        columns[f"student, {steps} steps"] = run_column(student, steps, 1.0, student_sampler, preset.inference.levels)
         # a student must not get worse with more steps: the 8-step column shows it (and the guard checks it)
         columns[f"student, {MORE_STEPS} steps"] = run_column(student, MORE_STEPS, 1.0, student_sampler)
     columns[f"teacher, {MORE_STEPS} steps"] = run_column(tm, MORE_STEPS, 1.0)

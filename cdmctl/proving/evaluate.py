@@ -14,10 +14,12 @@ from cdmctl.samplers import unshifted_levels
 
 
 def inference_levels(backbone: Backbone, steps: int, resolution: int, time_shift: bool = True,
-                     rule: str = "uniform") -> torch.Tensor:  # fmt: skip
-    """The levels [steps] a student samples at, float64: `rule`'s (cdmctl.samplers; "uniform": 1, 1 - 1/n, ...;
-    "trigflow": TBCM's) through the backbone's time shift, or without it (`time_shift` False)."""
-    unshifted = torch.tensor(unshifted_levels(rule, steps), dtype=torch.float64)
+                     rule: str = "uniform", levels: list[float] | None = None) -> torch.Tensor:  # fmt: skip
+    """The levels [steps] a student samples at, float64: the preset's own `levels` (inference.levels) when there are
+    `steps` of them, else `rule`'s (cdmctl.samplers; "uniform": 1, 1 - 1/n, ...; "trigflow": TBCM's), through the
+    backbone's time shift, or without it (`time_shift` False)."""
+    own = levels is not None and len(levels) == steps  # as generate and export sample it (Student.schedule)
+    unshifted = torch.tensor(list(levels) if own else unshifted_levels(rule, steps), dtype=torch.float64)
     return backbone.shift(unshifted, resolution, resolution).double() if time_shift else unshifted
 
 
@@ -65,18 +67,19 @@ def sample(
     seed: int = 0,
     time_shift: bool = True,
     rule: str = "uniform",
+    levels: list[float] | None = None,
 ) -> torch.Tensor:
     """Final latents [B, C, h, w] from noise [B, ...] with conditioning [B]: `steps` steps, guidance.
 
     guidance 1 is one conditional forward per step (how students sample); otherwise the empty prompt's
     conditioning `null` [1] is batched with it (`guided_velocity`). `sampler`: "euler", or "consistency" (TBCM
     students), whose fresh noise at each step is paired per row like the starting noise; the levels as
-    `inference_levels(time_shift, rule)`.
+    `inference_levels(time_shift, rule, levels)`.
     """
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
-    levels = inference_levels(backbone, steps, resolution, time_shift, rule).to(device)
+    levels = inference_levels(backbone, steps, resolution, time_shift, rule, levels).to(device)
     renoise = paired_renoise(len(noise), steps, noise.shape[1:], seed) if sampler == "consistency" else None
     outs = []
     for start in range(0, len(noise), chunk):
@@ -122,10 +125,10 @@ def sample_scheduled(backbone: Backbone, module: nn.Module, cond: Conditioning, 
 def evaluate(backbone: Backbone, module: nn.Module, gt, cond: Conditioning, null: Conditioning, steps: list[int],
              resolution: int, guidance: float = 1.0, per_prompt: int = 32, seed: int = 0,
              sampler: str = "euler", time_shift: bool = True, rule: str = "uniform", scheduler: str | None = None,
-             shift: float | None = None) -> dict[int, dict]:  # fmt: skip
+             shift: float | None = None, levels: list[float] | None = None) -> dict[int, dict]:  # fmt: skip
     """metric dict per step count: `per_prompt` samples of every prompt, paired noise, against the reference.
 
-    A student's sampler and levels (`sampler`, `time_shift`, `rule`: see `sample`), or with `scheduler` the
+    A student's sampler and levels (`sampler`, `time_shift`, `rule`, `levels`: see `sample`), or with `scheduler` the
     training-free sampler of that name at time shift `shift` (`sample_scheduled`)."""
     from cdmctl.proving import metrics
 
@@ -139,6 +142,6 @@ def evaluate(backbone: Backbone, module: nn.Module, gt, cond: Conditioning, null
             x = sample_scheduled(backbone, module, rows, noise, n, scheduler, shift, guidance, null, seed=seed)
         else:
             x = sample(backbone, module, rows, noise, n, resolution, guidance, null, sampler=sampler, seed=seed,
-                       rule=rule, time_shift=time_shift)  # fmt: skip
+                       rule=rule, time_shift=time_shift, levels=levels)  # fmt: skip
         out[n] = metrics.score(gt, x, idx, ref, ref_idx)
     return out
