@@ -3,6 +3,7 @@ the memory arithmetic is the formula their docstrings state."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,12 @@ def test_preset_memory_adds_the_activations_of_the_student_rows_per_gpu():
     assert scale_memory.fits(mem, 80).startswith(f"{smallest} GPU")
     # a card too small for even one prompt per GPU says so
     assert scale_memory.fits(mem, 1) == "not on 8 GPUs"
+
+
+def test_tbcm_levels_converts_trigflow_times_as_the_samplers_do():
+    import tbcm_levels
+
+    from cdmctl.samplers import trigflow_levels
+
+    assert tbcm_levels.flow_level(1.0) == pytest.approx(trigflow_levels(2)[1])  # the authors' 2-step level
+    assert tbcm_levels.flow_level(math.pi / 4) == pytest.approx(0.5)
