@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 from pathlib import Path
@@ -24,7 +23,12 @@ OUT = Path(__file__).parent / "results" / "tbcm_levels"
 
 
 def flow_level(t: float) -> float:
-    return math.sin(t) / (math.sin(t) + math.cos(t))
+    """TrigFlow time t as the flow level inference.levels takes (the engine's conversion)."""
+    import torch
+
+    from cdmctl.engine.trigflow import flow_level as convert
+
+    return float(convert(torch.tensor(t, dtype=torch.float64)))
 
 
 def score_rows(module, context, t1s: list[float], seeds: list[int], per_prompt: int) -> dict:
