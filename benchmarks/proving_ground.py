@@ -257,7 +257,7 @@ def markdown(report: dict) -> str:
         "",
         *([report["note"], ""] if report.get("note") else []),
     ]
-    teacher_rows = [(f"teacher, guidance 1", "teacher-g1"), (f"teacher, guidance {guidance:g}", f"teacher-g{guidance:g}")]
+    teacher_rows = [("teacher, guidance 1", "teacher-g1"), (f"teacher, guidance {guidance:g}", f"teacher-g{guidance:g}")]
     teacher_rows += [(f"teacher, {k.removeprefix('teacher-')} (training-free)", k) for k in s
                      if is_free(k) and not k.startswith("teacher-g")]  # fmt: skip
     if BEST in s:
