@@ -370,9 +370,9 @@ def main(argv: list[str] | None = None) -> None:
             results.current = item.name
             row = run_item(item, args, budget, flops_of)
             if item.compile:
-                import torch._dynamo
+                from torch import _dynamo  # `import torch._dynamo` here would make `torch` local to main
 
-                torch._dynamo.reset()  # the compiled blocks' code and their memory
+                _dynamo.reset()  # the compiled blocks' code and their memory
             print(json.dumps(row, default=str), flush=True)
             results.add(row)
     timer.cancel()

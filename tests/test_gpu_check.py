@@ -45,3 +45,16 @@ def test_a_budget_too_small_skips_every_item(tmp_path):
     data = check(tmp_path, "--families", "sd3", "--budget-s", "0")
     assert [r["item"] for r in data["rows"]] == ["sd3-4nfe", "sd3-ddmd", "sd3-4nfe 48 GB", "sd3-4nfe compiled"]
     assert {r["status"] for r in data["rows"]} == {"skipped: budget"}
+
+
+def test_without_a_gpu_the_real_check_says_so_in_one_line(tmp_path):
+    """The real-size path's first line of main runs on any machine: it must refuse cleanly, not crash (a local
+    `import torch._dynamo` once made `torch` unbound there)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return  # on a GPU machine the real check would start: nothing to refuse
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path / "g")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("gpu_check: no CUDA device here")
