@@ -198,6 +198,11 @@ def measured() -> list[dict[str, Any]]:
     return [json.loads(line) for line in MEASURED.read_text().splitlines() if line.strip()]
 
 
+def trained_networks(method: Any) -> int:
+    """Networks with gradients and optimizer state: the student and the fake teacher (TBCM: the student only)."""
+    return 1 if method.family == "tbcm" else 2
+
+
 def student_rows(method: Any) -> int:
     """Samples per prompt in the student's forward with gradient (engine.step.predict_student: [xt; xe] for CDM;
     TBCM: every point of the teacher's rollout but its start, engine.tbcm.teacher_rollout)."""
@@ -226,18 +231,18 @@ def preset_memory(name: str, parts: dict[str, dict], acts: dict[tuple[str, str],
     s, act = parts[arch.name], acts[key]
     per_sample = act["checkpointing" if preset.model.gradient_checkpointing else "no_checkpointing"]
     rows, batch = {}, preset.train.batch_size
+    nets, samples = trained_networks(preset.method), student_rows(preset.method)
     for strategy in ("ddp", "fsdp2"):
         for n in GPUS:
             if (strategy == "fsdp2" and n == 1) or batch % n:
                 continue
-            nets = 1 if preset.method.family == "tbcm" else 2  # TBCM trains no fake teacher
             m = per_gpu(s, preset.model.train, strategy, n, nets=nets)
-            m["activations"] = per_sample * student_rows(preset.method) * batch / n
+            m["activations"] = per_sample * samples * batch / n
             m["total"] += m["activations"] + CONTEXT
             rows[(strategy, n)] = {**m, **{f"load_{k}": v for k, v in loading(s, preset.model.train, strategy, n, nets).items()}}
     return {"preset": name, "arch": arch.name, "train": preset.model.train, "batch": batch,
             "resolution": preset.model.resolution, "rows": rows, "act": act, "per_sample": per_sample,
-            "student_rows": student_rows(preset.method), "params": s}  # fmt: skip
+            "student_rows": samples, "params": s}  # fmt: skip
 
 
 def load_peak(row: dict[str, float]) -> float:
