@@ -137,3 +137,53 @@ def test_training_evaluation_scores_a_coupled_run_against_its_own_ground_truth()
     check_ground_truth(coupled, prompts)  # accepted: its own prompts, a proving ground's teacher
     assert score_ground_truth(coupled, x, prompts)["precision"] == 1.0
     assert score_ground_truth(points, x, prompts)["precision"] < 0.2
+
+
+def test_shipped_recipes_are_the_recorded_ones():
+    """`--recipe shipped` rebuilds each shipped teacher with exactly the stages its proving.json records."""
+    import json
+    from dataclasses import asdict
+
+    from cdmctl.proving import teacher
+
+    for name, ground in GROUNDS.items():
+        record = json.loads((ground.folder / "proving.json").read_text())
+        recorded = [record["continued_from"], record] if "continued_from" in record else [record]
+        assert len(teacher.RECIPES[name]) == len(recorded)
+        for stage, done in zip(teacher.RECIPES[name], recorded):
+            settings = {k: v for k, v in asdict(stage.train).items() if k != "init"}
+            assert settings == {k: v for k, v in done["train"].items() if k != "init"}
+            spec = asdict(teacher.truth_with(ground, stage.spec).spec)
+            assert json.loads(json.dumps(spec)) == done["ground_truth"]
+
+
+def test_recipe_stages_continue_each_other_on_their_own_specs(tmp_path, monkeypatch):
+    """Each stage trains on its spec and starts from the weights the stage before it wrote; the final folder
+    records the earlier stage. (Tiny stages; the decoder fit and the guidance check are not what is tested.)"""
+    import json
+
+    from cdmctl.proving import teacher
+
+    seen = []
+
+    def spy(backbone, gt, cfg, log=print):
+        seen.append((gt.spec.medium, gt.spec.fine, {k: v.clone() for k, v in backbone.transformer.state_dict().items()}))
+        return real_train(backbone, gt, cfg, log)
+
+    real_train = teacher.train
+    monkeypatch.setattr(teacher, "train", spy)
+    monkeypatch.setattr(teacher, "fit_decoder", lambda *a, **k: 0.0)
+    monkeypatch.setattr(teacher, "check", lambda *a, **k: {"reference_guidance": 2.0})
+    tiny = teacher.TrainConfig(steps=2, batch_size=2, warmup=1)
+    stages = [teacher.Stage(tiny, {"medium": 4, "fine": 8}), teacher.Stage(teacher.TrainConfig(steps=1, batch_size=2))]
+    out = teacher.rebuild(tmp_path / "teacher", GROUNDS["toy-sd3-coupled"], stages, log=lambda _: None)
+
+    assert [(m, f) for m, f, _ in seen] == [(4, 8), (2, 4)]
+    start_of_second = seen[1][2]
+    untrained = seen[0][2]
+    # the second stage did not start from random weights but from what the first stage wrote (its EMA copy)
+    assert any(not torch.equal(start_of_second[k], untrained[k]) for k in untrained)
+    record = json.loads((out / "proving.json").read_text())
+    assert record["stages"][0]["ground_truth"]["medium"] == 4 and record["ground_truth"]["medium"] == 2
+    assert record["stages"][0]["train"]["steps"] == 2 and record["train"]["steps"] == 1
+    assert record["reference_guidance"] == 2.0
