@@ -62,6 +62,21 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "cdm-lr-floor0": ("demo, cosine decay to 0", "demo", ["optim.lr_floor=0"]),
     "cdm-fake-lr1e-4": ("demo, fake-teacher lr 1e-4", "demo", ["optim.fake_lr=1e-4"]),
     "cdm-fake-lr1e-3": ("demo, fake-teacher lr 1e-3", "demo", ["optim.fake_lr=1e-3"]),
+    # the student's own pace: only more iterations moved the 4-step MMD^2, so a faster student learning rate
+    "cdm-lr1e-4": ("demo, student lr 1e-4", "demo", ["optim.student_lr=1e-4"]),
+    "cdm-lr2e-4": ("demo, student lr 2e-4", "demo", ["optim.student_lr=2e-4"]),
+    "cdm-lr2e-4-fake1e-3": ("demo, student lr 2e-4, fake-teacher lr 1e-3", "demo",
+                            ["optim.student_lr=2e-4", "optim.fake_lr=1e-3"]),
+    "cdm-shift": ("demo, schedule through the teacher's time shift (sampled shifted too)", "demo",
+                  ["method.schedule.time_shift=true"]),
+    "cdm-ca1": ("demo with CA at scale 1 (the teacher's guidance 2)", "demo", ["method.losses.ca=1", "method.guidance=1.0"]),
+    # cheaper updates (issue 26, benchmarks/update_cost.py: 1.91x D-DMD as shipped): one fake step per student update
+    # (1.29x; twice the student updates per iteration: compare at equal cost), one simulation per TTUR cycle (1.58x),
+    # and that with schedules of at most 12 levels (1.26x)
+    "cdm-ttur1": ("demo, ttur_ratio 1 (one fake step per student update)", "demo", ["method.ttur_ratio=1"]),
+    "cdm-per-cycle": ("demo, one simulation per TTUR cycle", "demo", ["method.simulation=per-cycle"]),
+    "cdm-len12-per-cycle": ("demo, schedules of 1-12 levels, one simulation per TTUR cycle", "demo",
+                            ["method.schedule.length=[1,12]", "method.simulation=per-cycle"]),
     # the toy's in-mode noise is 0.02 RMS: levels clamped at >= 0.02 barely see it (every level of the iteration)
     "cdm-clamp0.005": ("demo, every level clamped to [0.005, 0.98]", "demo", ["method.level_clamp=[0.005,0.98]"]),
 }  # fmt: skip
