@@ -36,12 +36,16 @@ FIXED_DDMD = ["method.name=ddmd", "method.schedule.kind=fixed", "method.losses.c
 VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "cdm": ("CDM, the shipped demo (unshifted schedule, DM+CDM, cosine lr)", "demo", []),
     "cdm-ca-dm": ("the demo without the CDM loss (DM only, dynamic)", "demo", ["method.losses.cdm=0"]),
+    # the demo before its normaliser floor went from 0.1 to 0.03 (the CDM share at 3,200 was measured on it)
+    "cdm-floor0.1": ("CDM, the demo with the normaliser floor at 0.1 (before 0.03)", "demo", ["method.normaliser_floor=0.1"]),
+    "cdm-floor0.1-dm": ("the floor-0.1 demo without the CDM loss (DM only)", "demo",
+                        ["method.normaliser_floor=0.1", "method.losses.cdm=0"]),
     "ddmd": ("D-DMD (CA+DM, fixed 4-step), the 0.2.0 demo's settings", "demo", [*DEMO_0_2, *FIXED_DDMD]),
     "tbcm": ("TBCM (demo-tbcm)", "demo-tbcm", []),
     "cdm-0.2": ("CDM, the 0.2.0 demo (shifted schedule, CA+DM+CDM, constant lr)", "demo", DEMO_0_2),
     # one lever at a time from the 0.2.0 demo (the schedule without the time shift: sampled unshifted too)
     "cdm-unshifted": ("0.2.0 demo, schedule without the time shift", "demo", DEMO_0_2[1:]),
-    "cdm-no-ca": ("0.2.0 demo without the CA loss", "demo", [DEMO_0_2[0], DEMO_0_2[2]]),
+    "cdm-no-ca": ("0.2.0 demo without the CA loss", "demo", [DEMO_0_2[0], *DEMO_0_2[2:]]),
     "cdm-unshifted-no-ca": ("0.2.0 demo, unshifted schedule, no CA (constant lr)", "demo", DEMO_0_2[2:]),
     # a 1-step student: D-DMD at the single level 1.0 (the issue's reference run), without CA, decayed
     "ddmd-1step": ("D-DMD trained for 1 step (fixed level 1.0), no CA, cosine", "demo",
