@@ -41,6 +41,7 @@ DEMO_0_2 = ["method.schedule.time_shift=true", "method.losses.ca=1", "optim.lr_s
             "method.normaliser_floor=0.1"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cdm": ("CDM, the shipped demo (unshifted schedule, DM+CDM, cosine lr)", []),
+    "cdm-floor0.1": ("CDM, the demo with the loss normaliser's floor at 0.1 (before 0.03)", ["method.normaliser_floor=0.1"]),
     "cdm-0.2": ("CDM, the 0.2.0 demo (shifted schedule, CA+DM+CDM, constant lr)", []),
     "cdm-fixed": ("CDM, fixed schedule", ["method.name=cdm-fixed", *FIXED]),
     "ddmd": ("D-DMD (CA+DM, fixed)", ["method.name=ddmd", *FIXED, "method.losses.cdm=0"]),
@@ -84,7 +85,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "tbcm-guided": ("TBCM, rollouts at guidance 1.5", ["method.tbcm.guidance=[1.5]"]),
     "tbcm-autograd": ("TBCM, torch.func.jvp instead of the finite difference", ["method.tbcm.jvp=autograd"]),
 }
-VARIANTS = {v: (label, over if v == "cdm" or v.startswith("tbcm") else [*DEMO_0_2, *over])
+VARIANTS = {v: (label, over if v in ("cdm", "cdm-floor0.1") or v.startswith("tbcm") else [*DEMO_0_2, *over])
             for v, (label, over) in VARIANTS.items()}  # fmt: skip
 BASE_PRESET = {v: "demo-tbcm" for v in VARIANTS if v.startswith("tbcm")}  # every other variant is on `demo`
 # training-free teacher samplers (cdmctl.samplers name, time shift; None: the toy's own, 6), guidance 1
