@@ -52,12 +52,14 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
                    [*FIXED_DDMD, "method.schedule.levels=[1.0]", "inference.steps=1"]),
     "tbcm-guided": ("TBCM, rollouts at guidance 1.5", "demo-tbcm", ["method.tbcm.guidance=[1.5]"]),
     "tbcm-lr1e-5": ("TBCM at the authors' learning rate 1e-5", "demo-tbcm", ["optim.student_lr=1e-5"]),
+    # demo-tbcm before its learning rate went from 5e-5 to the authors' 1e-5 (cosine, 2-step level 0.406)
+    "tbcm-lr5e-5": ("TBCM, demo-tbcm at lr 5e-5 (before 1e-5)", "demo-tbcm", ["optim.student_lr=5e-5"]),
     # the drift after 400 iterations at lr 5e-5: decay the learning rate (and a larger batch: 128 points per update)
-    "tbcm-cosine": ("TBCM, cosine lr decay to 10%", "demo-tbcm", ["optim.lr_schedule=cosine"]),
+    "tbcm-cosine": ("TBCM, cosine lr decay to 10%", "demo-tbcm", ["optim.lr_schedule=cosine", "optim.student_lr=5e-5"]),
     "tbcm-b8-cosine": ("TBCM, batch 8, cosine lr decay to 10%", "demo-tbcm",
-                       ["optim.lr_schedule=cosine", "train.batch_size=8"]),
+                       ["optim.lr_schedule=cosine", "train.batch_size=8", "optim.student_lr=5e-5"]),
     "tbcm-b16-cosine": ("TBCM, batch 16, cosine lr decay to 10%", "demo-tbcm",
-                        ["optim.lr_schedule=cosine", "train.batch_size=16"]),
+                        ["optim.lr_schedule=cosine", "train.batch_size=16", "optim.student_lr=5e-5"]),
     # one lever at a time from today's demo, aimed at the 4-step MMD^2 gap (error inside the modes)
     "cdm-no-merge": ("demo without merging the student into the fake teacher", "demo", ["method.merge_decay=1"]),
     "cdm-batch32": ("demo at batch 32", "demo", ["train.batch_size=32"]),
