@@ -9,7 +9,8 @@ with the ground's teacher, checkpointing at every budget; each checkpoint's EMA 
 steps at the levels its preset samples at (and, for comparison, at the other choice of time shift) and scored
 against the exact ground truth. Cumulative forward-equivalents (forward 1, backward 2 per sample, every network)
 come from the run's own cost counters. One line per finished run goes to `<out>/<stem>.runs.jsonl`: a cut-off
-invocation rerun with the same arguments skips the runs already there. Writes `<stem>.json` (`summary[variant]
+invocation rerun with the same arguments skips the runs already there (in a fresh checkout, without that file, the
+runs of the committed `<stem>.json`). Writes `<stem>.json` (`summary[variant]
 [iterations][steps][metric] = [mean, std]` over seeds, plus `teacher` rows), `<stem>.md` and `<stem>.png`.
 """
 
@@ -316,6 +317,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def finished_runs(out: Path, stem: str) -> list[dict]:
+    """The runs already done for `stem`: one per line of `<stem>.runs.jsonl` (gitignored, written as runs finish),
+    or, in a checkout without it, the teacher rows and runs of the committed `<stem>.json` report."""
+    lines = out / f"{stem}.runs.jsonl"
+    if lines.exists():
+        return [json.loads(x) for x in lines.read_text().splitlines() if x.strip()]
+    report = out / f"{stem}.json"
+    if not report.exists():
+        return []
+    data = json.loads(report.read_text())
+    teacher = [{"variant": "teacher", "seed": None, "ground": data["ground"], "rows": data["teacher"]}]
+    return (teacher if data["teacher"] else []) + data["runs"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     from cdmctl.backbones import ensure_builtin
@@ -324,7 +339,9 @@ def main(argv: list[str] | None = None) -> dict:
     stem = args.stem or ("budget_curve" if args.ground == "toy-sd3" else f"budget_curve_{args.ground}")
     args.out.mkdir(parents=True, exist_ok=True)
     done_file = args.out / f"{stem}.runs.jsonl"
-    results = [json.loads(x) for x in done_file.read_text().splitlines() if x.strip()] if done_file.exists() else []
+    results = finished_runs(args.out, stem)
+    if results and not done_file.exists():  # a fresh checkout: continue from the committed report
+        done_file.write_text("".join(json.dumps(r) + "\n" for r in results))
     done = {(r["variant"], r["seed"]) for r in results}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cdmctl-budget-") as tmp:

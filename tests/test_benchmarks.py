@@ -153,3 +153,19 @@ def test_tbcm_levels_converts_trigflow_times_as_the_samplers_do():
 
     assert tbcm_levels.flow_level(1.0) == pytest.approx(trigflow_levels(2)[1])  # the authors' 2-step level
     assert tbcm_levels.flow_level(math.pi / 4) == pytest.approx(0.5)
+
+
+def test_budget_curve_continues_from_its_committed_report_in_a_fresh_checkout(tmp_path):
+    """Without the gitignored runs.jsonl, the runs (and teacher rows) of the committed <stem>.json count as done;
+    with it, its lines do."""
+    import json
+
+    from budget_curve import finished_runs
+
+    assert finished_runs(tmp_path, "bc") == []
+    run = {"variant": "cdm", "seed": 0, "ground": "toy-sd3", "budgets": {"800": {"cost": 1}}}
+    (tmp_path / "bc.json").write_text(json.dumps({"ground": "toy-sd3", "teacher": {"unipc": {}}, "runs": [run]}))
+    done = finished_runs(tmp_path, "bc")
+    assert [(r["variant"], r["seed"]) for r in done] == [("teacher", None), ("cdm", 0)]
+    (tmp_path / "bc.runs.jsonl").write_text(json.dumps({**run, "seed": 1}) + "\n")
+    assert [(r["variant"], r["seed"]) for r in finished_runs(tmp_path, "bc")] == [("cdm", 1)]
