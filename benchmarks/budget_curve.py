@@ -80,6 +80,7 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     # the loss normaliser max(mean|x0r - x0|, floor): at low levels (where the toy's 0.02 in-mode noise is seen) the
     # distance is below the floor 0.1, so those samples pull weakly; a lower floor makes each sample's pull scale-free
     "cdm-nfloor0.01": ("demo, loss normaliser floor 0.01", "demo", ["method.normaliser_floor=0.01"]),
+    # (0.03 became the demo's own floor: this variant is `cdm` now, kept to reproduce budget_curve_levers3200)
     "cdm-nfloor0.03": ("demo, loss normaliser floor 0.03", "demo", ["method.normaliser_floor=0.03"]),
     # cheaper updates (issue 26, benchmarks/update_cost.py: 1.91x D-DMD as shipped): one fake step per student update
     # (1.29x; twice the student updates per iteration: compare at equal cost), one simulation per TTUR cycle (1.58x),
